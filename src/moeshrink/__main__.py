@@ -1,0 +1,5 @@
+import sys
+
+from moeshrink.cli import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""Per-layer statistics collected by hooks during the calibration pass.
+
+Every statistic is kept as a sum (or a bounded sample), so statistics from several processes can be
+added together. A method declares which ones it needs; the rest are not computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moeshrink.arch import MoELayer
+
+COUNTS = "counts"  # top-k selection counts [E]; always collected (cheap)
+SOFT_MASS = "soft_mass"  # sum of router probabilities over tokens [E]
+LOGITS = "logits"  # a sample of router logits [T, E]
+COACTIVATION = "coactivation"  # how often experts i and j are chosen for the same token [E, E]
+EXPERT_NORMS = "expert_norms"  # sum of ||E_j(x)|| and g_j(x)*||E_j(x)|| over tokens routed to j [E]
+STATISTICS = frozenset({COUNTS, SOFT_MASS, LOGITS, COACTIVATION, EXPERT_NORMS})
+
+
+@dataclass
+class LayerStats:
+    """Sums over the calibration tokens of one MoE layer."""
+
+    num_experts: int
+    num_tokens: int = 0
+    counts: torch.Tensor | None = None
+    soft_mass: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    coactivation: torch.Tensor | None = None
+    norm_sum: torch.Tensor | None = None
+    gated_norm_sum: torch.Tensor | None = None
+    _logit_parts: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    def frequency(self) -> torch.Tensor:
+        """Fraction of tokens that chose each expert."""
+        return self.counts / max(self.num_tokens, 1)
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if total is None else total + value
+
+
+class LayerObserver:
+    """Hooks on one MoE layer's router and experts that accumulate :class:`LayerStats`.
+
+    Use as a context manager around the forward passes of the layer. Expert output norms are
+    computed on the routed (token, expert) pairs only, in one call to the experts module: one extra
+    MoE forward's worth of FLOPs, not E times.
+    """
+
+    def __init__(self, layer: MoELayer, needs: frozenset[str] | set[str], max_logit_tokens: int = 16384):
+        unknown = set(needs) - STATISTICS
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
+        self.layer = layer
+        self.needs = set(needs) | {COUNTS}
+        self.max_logit_tokens = max_logit_tokens
+        self.stats = LayerStats(num_experts=layer.num_experts)
+        self._handles: list = []
+
+    def __enter__(self) -> LayerObserver:
+        self._handles.append(self.layer.router.register_forward_hook(self._on_router))
+        if EXPERT_NORMS in self.needs:
+            self._handles.append(self.layer.experts.register_forward_hook(self._on_experts))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self.stats._logit_parts:
+            self.stats.logits = torch.cat(self.stats._logit_parts)[: self.max_logit_tokens]
+            self.stats._logit_parts.clear()
+
+    @torch.no_grad()
+    def _on_router(self, module, args, output) -> None:
+        logits, _, index = output
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        index = index.reshape(logits.shape[0], -1)
+        s, num_experts = self.stats, self.layer.num_experts
+        s.num_tokens += logits.shape[0]
+        chosen = torch.zeros(logits.shape[0], num_experts, dtype=torch.float64, device=logits.device)
+        chosen.scatter_(1, index, 1.0)
+        s.counts = _add(s.counts, chosen.sum(0))
+        if SOFT_MASS in self.needs:
+            s.soft_mass = _add(s.soft_mass, self.layer.probabilities(logits).double().sum(0))
+        if COACTIVATION in self.needs:
+            s.coactivation = _add(s.coactivation, chosen.T @ chosen)
+        if LOGITS in self.needs:
+            have = sum(p.shape[0] for p in s._logit_parts)
+            if have < self.max_logit_tokens:
+                s._logit_parts.append(logits[: self.max_logit_tokens - have].cpu())
+
+    @torch.no_grad()
+    def _on_experts(self, module, args, output) -> None:
+        hidden, index, weights = args[:3]
+        k = index.shape[-1]
+        pairs_hidden = hidden.repeat_interleave(k, dim=0)
+        flat_index = index.reshape(-1)
+        norms = self.layer.expert_outputs(pairs_hidden, flat_index).float().norm(dim=-1).double()
+        gates = weights.reshape(-1).double()
+        s, n = self.stats, self.layer.num_experts
+        zeros = torch.zeros(n, dtype=torch.float64, device=norms.device)
+        s.norm_sum = _add(s.norm_sum, zeros.index_add(0, flat_index, norms))
+        s.gated_norm_sum = _add(s.gated_norm_sum, zeros.index_add(0, flat_index, gates * norms))

@@ -1,0 +1,161 @@
+"""The ``moeshrink`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from moeshrink.errors import MoeShrinkError
+
+
+def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="checkpoint directory (or give it in the recipe)")
+    p.add_argument("--recipe", help="YAML recipe; options given here override it")
+    p.add_argument("--method", help="expert-level method (random, frequency, soft_activation, ean, reap)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=int, help="experts kept per MoE layer")
+    budget.add_argument("--ratio", type=float, help="fraction of experts removed per layer")
+    p.add_argument(
+        "--calib", nargs="+", help="calibration text: .txt files, .jsonl files or a datasets directory"
+    )
+    p.add_argument("--calib-field", help="JSONL / datasets field holding the text (default: text)")
+    p.add_argument("-o", "--output", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--samples", type=int, help="calibration sequences (default 128)")
+    p.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--seed", type=int, help="seed for sampling and random methods (default 0)")
+    p.add_argument(
+        "--top-k", type=int, help="active experts per token after compression (default: unchanged)"
+    )
+    p.add_argument("--device", help="cpu, cuda or cuda:N: where each layer is processed (default cpu)")
+    p.add_argument("--dtype", help="auto (checkpoint's), bfloat16, float16 or float32")
+    p.add_argument("--batch-size", type=int, help="calibration sequences per forward pass (default 8)")
+    p.add_argument(
+        "--no-error-propagation",
+        dest="error_propagation",
+        action="store_const",
+        const=False,
+        help="feed each layer the original model's activations instead of the compressed ones",
+    )
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_const", const=True, help="replace an existing output directory"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parse_options(items: Sequence[str]) -> dict:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MoeShrinkError(f"--option {item!r}: write it as KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from moeshrink.pipeline import prune
+    from moeshrink.recipe import Recipe, load_recipe
+
+    recipe = load_recipe(args.recipe) if args.recipe else Recipe()
+    overrides = {
+        k: v
+        for k, v in vars(args).items()
+        if v is not None and k in Recipe.model_fields and k not in ("steps", "method_options")
+    }
+    if args.model:
+        overrides["model"] = args.model
+    recipe = recipe.model_copy(update=overrides)
+    if args.keep is not None:
+        recipe.ratio = None
+    if args.ratio is not None:
+        recipe.keep = None
+    options = {**recipe.method_options, **_parse_options(args.option)}
+    if not recipe.model:
+        raise MoeShrinkError("no model given: moeshrink prune MODEL ... (or 'model:' in the recipe)")
+    if not recipe.method:
+        raise MoeShrinkError("no method given: pass --method NAME (or 'method:' in the recipe)")
+    kwargs = recipe.prune_kwargs() | {"method_options": options}
+    result = prune(recipe.model, recipe.method, progress=not args.quiet, **kwargs)
+    b, a = result.before, result.after
+    print(
+        f"{result.plan.method}: experts per layer {b.experts_per_layer[0]} -> {a.experts_per_layer[0]}, "
+        f"top-k {b.top_k} -> {a.top_k}, parameters {b.parameters:,} -> {a.parameters:,} "
+        f"({a.parameters / b.parameters:.1%}) in {result.seconds['total']:.1f}s"
+    )
+    if result.output:
+        print(f"wrote {result.output}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from moeshrink.info import inspect_model
+
+    info = inspect_model(args.model)
+    print(json.dumps(info.to_dict(), indent=2) if args.json else info.to_text())
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from moeshrink.pipeline import apply_plan
+
+    result = apply_plan(args.model, args.plan, args.output, overwrite=args.overwrite)
+    print(
+        f"applied {args.plan}: experts per layer {result.after.experts_per_layer[0]}; wrote {result.output}"
+    )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from moeshrink.demo import run_demo
+
+    run_demo(args.out, overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeshrink", description="Shrink sparse Mixture-of-Experts models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="family, layers, experts, top-k, parameters and bytes of a checkpoint")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("prune", help="remove experts with a method and export a standard checkpoint")
+    _add_prune_arguments(p)
+    p.set_defaults(func=_cmd_prune)
+
+    p = sub.add_parser("apply", help="re-apply a saved moeshrink_plan.json to the original checkpoint")
+    p.add_argument("model")
+    p.add_argument("--plan", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_apply)
+
+    p = sub.add_parser("demo", help="run the main job end to end on a built-in model and write a report")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--overwrite", action="store_true", default=True)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MoeShrinkError as e:
+        print(f"moeshrink: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Checkpoint reading, validation and atomic writing."""

@@ -1,0 +1,138 @@
+"""Open a Hugging Face MoE checkpoint safely: validate files before loading, weights after."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from moeshrink.arch import FamilyAdapter, get_adapter
+from moeshrink.errors import MoeShrinkError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A local checkpoint directory holding ``config.json`` (no hub downloads: moeshrink works offline)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MoeShrinkError(f"model directory not found: {path} (moeshrink reads local checkpoints only)")
+    if not (path / "config.json").is_file():
+        raise MoeShrinkError(f"{path} has no config.json: point at a Hugging Face checkpoint directory")
+    return path
+
+
+def load_config(path: str | Path) -> tuple[PretrainedConfig, FamilyAdapter]:
+    """The config and its family adapter, without touching the weights."""
+    path = resolve_checkpoint(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError) as e:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        raise MoeShrinkError(f"{path}: cannot read config.json (model_type {model_type!r}): {e}") from e
+    return config, get_adapter(config)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files the checkpoint consists of, per its index when sharded."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            example = next(k for k, v in weight_map.items() if v == missing[0])
+            raise MoeShrinkError(
+                f"{path}: shard {missing[0]} listed in model.safetensors.index.json is missing "
+                f"(holds e.g. {example}); {len(missing)} of {len(files)} shards absent: re-download the checkpoint"
+            )
+        return [path / f for f in files]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(path.glob("*.bin")):
+        raise MoeShrinkError(f"{path}: only PyTorch .bin weights found; convert them to safetensors first")
+    raise MoeShrinkError(f"{path}: no model.safetensors or model.safetensors.index.json found")
+
+
+def check_safetensors_file(file: Path) -> None:
+    """Header parses and the file is as long as its header says (catches truncated downloads)."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError("header longer than file")
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError) as e:
+        raise MoeShrinkError(f"{file}: not a readable safetensors file ({e}); re-download it") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise MoeShrinkError(
+            f"{file}: truncated ({size} bytes, its header needs {8 + header_len + end}); re-download it"
+        )
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """Hash of config.json and the weight files' names and sizes: cheap, and tells checkpoints apart."""
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for file in weight_files(path):
+        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def check_finite(model: nn.Module) -> None:
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise MoeShrinkError(
+                f"weight {name} contains NaN or inf: the checkpoint is corrupt; re-download it"
+            )
+
+
+@dataclass
+class LoadedModel:
+    """A model with what belongs to it."""
+
+    model: nn.Module
+    adapter: FamilyAdapter
+    path: Path
+    tokenizer: object | None
+
+
+def load_tokenizer(path: Path):
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(path: str | Path, dtype: str = "auto", tokenizer: object | None = None) -> LoadedModel:
+    """Validate the files, load the model on CPU in eval mode, and check its weights are finite."""
+    path = resolve_checkpoint(path)
+    _, adapter = load_config(path)
+    for file in weight_files(path):
+        check_safetensors_file(file)
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model.eval()
+    check_finite(model)
+    layers = adapter.moe_layers(model)
+    if not layers:
+        raise MoeShrinkError(f"{path}: no MoE layers found in this {adapter.model_type} model")
+    adapter.check_weights_layout(layers[0])
+    return LoadedModel(model=model, adapter=adapter, path=path, tokenizer=tokenizer or load_tokenizer(path))

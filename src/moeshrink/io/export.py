@@ -1,0 +1,105 @@
+"""Write a compressed model as a standard Hugging Face checkpoint, atomically.
+
+Everything is written into a hidden temporary directory beside the output and renamed into place
+when complete, so a crash never leaves a half-written checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from torch import nn
+
+from moeshrink.arch import FamilyAdapter
+from moeshrink.errors import MoeShrinkError
+from moeshrink.io.checkpoint import TOKENIZER_FILES
+from moeshrink.plan import PLAN_FILENAME, ModelPlan
+
+
+def check_output_dir(output: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output unless ``overwrite``; make sure its parent can be written."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise MoeShrinkError(f"output directory {output} already exists: choose another or pass --overwrite")
+    if output.exists() and not output.is_dir():
+        raise MoeShrinkError(f"output {output} exists and is not a directory: choose another path")
+    parent = output.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise MoeShrinkError(f"cannot write into {parent}: choose a writable output directory")
+    return output
+
+
+@contextmanager
+def atomic_directory(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``output``, on failure it is removed."""
+    output = check_output_dir(output, overwrite)
+    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+        output.rename(old)
+    tmp.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_config_aliases(directory: Path, adapter: FamilyAdapter, num_experts: int, top_k: int) -> None:
+    """Write every expert-count alias into config.json: stacks differ in which one they read."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    for key in adapter.expert_count_keys:
+        config[key] = num_experts
+    config["num_experts_per_tok"] = top_k
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_tokenizer(source: Path | None, directory: Path, tokenizer=None) -> None:
+    copied = False
+    if source is not None:
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, directory / name)
+                copied = True
+    if not copied and tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def export_checkpoint(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    plan: ModelPlan,
+    output: str | Path,
+    *,
+    source: Path | None = None,
+    tokenizer=None,
+    model_card: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save ``model`` with per-expert keys (transformers' original on-disk format), the tokenizer,
+    the plan and a model card to ``output``."""
+    counts = set(plan.num_experts_after)
+    if len(counts) != 1:
+        raise MoeShrinkError(
+            f"cannot export different expert counts per layer {sorted(counts)} as one checkpoint"
+        )
+    with atomic_directory(output, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        write_config_aliases(tmp, adapter, counts.pop(), plan.top_k)
+        copy_tokenizer(source, tmp, tokenizer)
+        plan.save(tmp / PLAN_FILENAME)
+        if model_card is not None:
+            (tmp / "README.md").write_text(model_card)
+    return Path(output)

@@ -1,0 +1,31 @@
+"""Expert-level methods, by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moeshrink.errors import MoeShrinkError
+from moeshrink.methods.base import ExpertMethod, LayerBudget, ScorePruning, top_scores
+from moeshrink.methods.ean import EANPruning
+from moeshrink.methods.frequency import FrequencyPruning
+from moeshrink.methods.random import RandomPruning
+from moeshrink.methods.reap import REAPPruning
+from moeshrink.methods.soft_activation import SoftActivationPruning
+
+METHODS: dict[str, type[ExpertMethod]] = {
+    m.name: m for m in (RandomPruning, FrequencyPruning, SoftActivationPruning, EANPruning, REAPPruning)
+}
+
+
+def get_method(name: str, seed: int = 0, **options: Any) -> ExpertMethod:
+    """Build the method ``name`` with its options, or a one-line error listing the known methods."""
+    key = name.replace("-", "_").lower()
+    if key not in METHODS:
+        raise MoeShrinkError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}")
+    try:
+        return METHODS[key](seed=seed, **options)
+    except TypeError as e:
+        raise MoeShrinkError(f"method '{name}': {e}") from e
+
+
+__all__ = ["METHODS", "ExpertMethod", "LayerBudget", "ScorePruning", "get_method", "top_scores"]

@@ -1,0 +1,70 @@
+"""What an expert-level method is: statistics it needs in, a :class:`LayerPlan` out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from moeshrink.arch import MoELayer
+from moeshrink.calib.observers import LayerStats
+from moeshrink.plan import LayerPlan
+
+
+@dataclass(frozen=True)
+class LayerBudget:
+    """How many experts a layer keeps, the top-k after compression, and the routing groups to respect."""
+
+    keep: int
+    top_k: int
+    groups: int = 1
+
+
+class ExpertMethod(ABC):
+    """One expert-level method. ``needs`` names the statistics (see ``calib.observers``) it reads;
+    a method that needs none is planned without any forward pass."""
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, seed: int = 0, **options: Any):
+        if options:
+            raise TypeError(f"method '{self.name}' takes no options {sorted(options)}")
+        self.seed = seed
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The settings recorded in the plan."""
+        return {"seed": self.seed}
+
+    @abstractmethod
+    def plan_layer(self, layer: MoELayer, stats: LayerStats | None, budget: LayerBudget) -> LayerPlan:
+        """Decide the new experts of ``layer``."""
+
+
+def top_scores(scores: torch.Tensor, keep: int, groups: int = 1) -> list[int]:
+    """Indices of the ``keep`` largest scores (ties to the lower index); with ``groups`` > 1 the same
+    number is kept in each contiguous group, so group-limited routing still sees every group."""
+    scores = scores.double().cpu()
+    per_group, size = keep // groups, scores.numel() // groups
+    kept: list[int] = []
+    for g in range(groups):
+        part = scores[g * size : (g + 1) * size]
+        order = sorted(range(size), key=lambda j: (-float(part[j]), j))
+        kept.extend(g * size + j for j in order[:per_group])
+    return sorted(kept)
+
+
+class ScorePruning(ExpertMethod):
+    """Keep the experts with the largest per-expert score; drop the rest."""
+
+    @abstractmethod
+    def score(self, layer: MoELayer, stats: LayerStats | None) -> torch.Tensor:
+        """One score per expert, higher = more worth keeping."""
+
+    def plan_layer(self, layer: MoELayer, stats: LayerStats | None, budget: LayerBudget) -> LayerPlan:
+        scores = self.score(layer, stats)
+        kept = top_scores(scores, budget.keep, budget.groups)
+        return LayerPlan.keep(layer.index, layer.num_experts, kept, scores=[float(s) for s in scores])

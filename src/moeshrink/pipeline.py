@@ -1,0 +1,231 @@
+"""The main job: load -> calibrate -> plan -> apply -> export, with every input checked first."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import moeshrink
+from moeshrink.arch import FamilyAdapter, GroupedFamilyAdapter
+from moeshrink.calib.data import build_calibration
+from moeshrink.calib.runner import compress_layerwise
+from moeshrink.errors import MoeShrinkError
+from moeshrink.info import ModelInfo, describe_model
+from moeshrink.io.checkpoint import (
+    checkpoint_fingerprint,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_checkpoint,
+)
+from moeshrink.io.export import check_output_dir, export_checkpoint
+from moeshrink.methods import LayerBudget, get_method
+from moeshrink.plan import ModelPlan
+from moeshrink.report.model_card import model_card
+from moeshrink.surgery import apply_model_plan
+
+
+@dataclass
+class PruneResult:
+    """The compressed model in memory, its plan, and what it cost."""
+
+    plan: ModelPlan
+    model: nn.Module
+    tokenizer: Any
+    before: ModelInfo
+    after: ModelInfo
+    output: Path | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_keep(num_experts: int, keep: int | None, ratio: float | None) -> int:
+    """Experts kept per layer from ``keep`` (a count) or ``ratio`` (the fraction removed)."""
+    if (keep is None) == (ratio is None):
+        raise MoeShrinkError(
+            "give exactly one budget: --keep K (experts kept per layer) or --ratio R (fraction removed)"
+        )
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise MoeShrinkError(
+                f"--ratio is the fraction of experts removed and must be in (0, 1), got {ratio}"
+            )
+        keep = max(1, round(num_experts * (1 - ratio)))
+    if keep < 1:
+        raise MoeShrinkError(f"--keep must be at least 1, got {keep}")
+    return int(keep)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "moeshrink": moeshrink.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _device(device: str) -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MoeShrinkError(f"--device {device} asked but no CUDA device is available: use --device cpu")
+    return device
+
+
+def prune(
+    model: str | Path,
+    method: str,
+    *,
+    keep: int | None = None,
+    ratio: float | None = None,
+    calib: Sequence[str | Path] | str | Path | None = None,
+    output: str | Path | None = None,
+    samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    top_k: int | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    batch_size: int = 8,
+    error_propagation: bool = True,
+    calib_field: str = "text",
+    method_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune the experts of the checkpoint at ``model`` with ``method`` and (if ``output``) export it.
+
+    Every input is checked before the weights are loaded: the family, the budget, the method, the
+    calibration text and the output directory.
+    """
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if output is not None:
+        check_output_dir(output, overwrite)
+    path = resolve_checkpoint(model)
+    config, adapter = load_config(path)
+    num_experts = adapter.num_experts(config)
+    keep = resolve_keep(num_experts, keep, ratio)
+    top_k = int(top_k or config.num_experts_per_tok)
+    adapter.check_budget(config, keep, top_k)
+    expert_method = get_method(method, seed=seed, **(method_options or {}))
+    device = _device(device)
+
+    calibration = None
+    tokenizer = load_tokenizer(path)
+    if expert_method.needs:
+        if not calib:
+            raise MoeShrinkError(f"method '{expert_method.name}' needs calibration text: pass --calib FILE")
+        if tokenizer is None:
+            raise MoeShrinkError(f"{path} has no tokenizer files; calibration needs the model's tokenizer")
+        paths = [calib] if isinstance(calib, (str, Path)) else list(calib)
+        calibration = build_calibration(tokenizer, paths, samples, seq_len, seed, calib_field)
+    timings["prepare"] = time.perf_counter() - start
+
+    t = time.perf_counter()
+    loaded = load_model(path, dtype, tokenizer=tokenizer)
+    timings["load"] = time.perf_counter() - t
+    before = describe_model(loaded.model, adapter)
+
+    t = time.perf_counter()
+    groups = GroupedFamilyAdapter.num_groups(config) if isinstance(adapter, GroupedFamilyAdapter) else 1
+    budget = LayerBudget(keep=keep, top_k=top_k, groups=groups)
+    layer_plans = compress_layerwise(
+        loaded.model,
+        adapter,
+        calibration.input_ids if calibration else None,
+        lambda layer, stats: expert_method.plan_layer(layer, stats, budget),
+        expert_method.needs,
+        top_k,
+        device=device,
+        batch_size=batch_size,
+        error_propagation=error_propagation,
+        progress=progress,
+    )
+    adapter.set_num_experts(loaded.model.config, keep)
+    loaded.model.config.num_experts_per_tok = top_k
+    timings["compress"] = time.perf_counter() - t
+
+    plan = ModelPlan(
+        method=expert_method.name,
+        method_options=expert_method.options,
+        budget={"keep": keep} if ratio is None else {"keep": keep, "ratio": ratio},
+        top_k=top_k,
+        source=_source(path, adapter, num_experts, config.num_experts_per_tok),
+        calibration=calibration.info | {"error_propagation": error_propagation} if calibration else None,
+        versions=versions(),
+        layers=layer_plans,
+    )
+    after = describe_model(loaded.model, adapter)
+    result = PruneResult(plan=plan, model=loaded.model, tokenizer=tokenizer, before=before, after=after)
+    if output is not None:
+        t = time.perf_counter()
+        result.output = _export(result, adapter, path, output, overwrite)
+        timings["export"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - start
+    result.seconds = timings
+    return result
+
+
+def _source(path: Path, adapter: FamilyAdapter, num_experts: int, top_k: int) -> dict[str, Any]:
+    return {
+        "path": str(path.resolve()),
+        "model_type": adapter.model_type,
+        "num_experts": num_experts,
+        "top_k": int(top_k),
+        "fingerprint": checkpoint_fingerprint(path),
+    }
+
+
+def _export(
+    result: PruneResult, adapter: FamilyAdapter, source: Path, output: str | Path, overwrite: bool
+) -> Path:
+    card = model_card(result.plan, result.before, result.after, Path(output).name)
+    return export_checkpoint(
+        result.model,
+        adapter,
+        result.plan,
+        output,
+        source=source,
+        tokenizer=result.tokenizer,
+        model_card=card,
+        overwrite=overwrite,
+    )
+
+
+def apply_plan(
+    model: str | Path,
+    plan: str | Path | ModelPlan,
+    output: str | Path | None = None,
+    *,
+    dtype: str = "auto",
+    overwrite: bool = False,
+) -> PruneResult:
+    """Re-apply a saved plan to the checkpoint it was made from (no calibration needed)."""
+    if output is not None:
+        check_output_dir(output, overwrite)
+    path = resolve_checkpoint(model)
+    plan = plan if isinstance(plan, ModelPlan) else ModelPlan.load(plan)
+    fingerprint = plan.source.get("fingerprint")
+    if fingerprint and fingerprint != checkpoint_fingerprint(path):
+        raise MoeShrinkError(
+            f"{path} is not the checkpoint this plan was made from ({plan.source.get('path')}): "
+            "its config or weight files differ"
+        )
+    loaded = load_model(path, dtype)
+    before = describe_model(loaded.model, loaded.adapter)
+    apply_model_plan(loaded.model, loaded.adapter, plan)
+    after = describe_model(loaded.model, loaded.adapter)
+    result = PruneResult(
+        plan=plan, model=loaded.model, tokenizer=loaded.tokenizer, before=before, after=after
+    )
+    if output is not None:
+        result.output = _export(result, loaded.adapter, path, output, overwrite)
+    return result

@@ -1,0 +1,117 @@
+"""Plans are data: which new experts are made from which old ones, and how their router rows are formed.
+
+New expert ``i`` of a layer is ``sum_j weights[j] * P_j(old expert sources[j])`` where ``P_j``
+permutes the intermediate neurons (``permutations[j]``, ``None`` = identity), and its router row
+(weight, bias, correction bias) is ``sum_j router_weights[j] * old row sources[j]``. Keeping an
+expert is the special case of one source with weight 1. A plan is JSON, so it can be saved with
+the checkpoint, inspected, diffed and re-applied to the same original model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+
+PLAN_FORMAT = "moeshrink-plan/1"
+PLAN_FILENAME = "moeshrink_plan.json"
+
+
+class NewExpert(BaseModel):
+    """One expert of the compressed layer."""
+
+    sources: list[int]
+    weights: list[float]
+    permutations: list[list[int] | None] | None = None
+    router_weights: list[float]
+
+    @model_validator(mode="after")
+    def _lengths_agree(self) -> NewExpert:
+        n = len(self.sources)
+        if n == 0 or len(self.weights) != n or len(self.router_weights) != n:
+            raise ValueError("sources, weights and router_weights must be non-empty and of equal length")
+        if self.permutations is not None and len(self.permutations) != n:
+            raise ValueError("permutations must have one entry (or null) per source")
+        return self
+
+    @classmethod
+    def keep(cls, expert: int) -> NewExpert:
+        return cls(sources=[expert], weights=[1.0], router_weights=[1.0])
+
+    @property
+    def is_plain_copy(self) -> bool:
+        return (
+            len(self.sources) == 1
+            and self.weights == [1.0]
+            and self.router_weights == [1.0]
+            and (self.permutations is None or self.permutations[0] is None)
+        )
+
+
+class LayerPlan(BaseModel):
+    """The new experts of one MoE layer, plus the scores that chose them (for the report)."""
+
+    layer: int
+    num_experts_before: int
+    experts: list[NewExpert]
+    scores: list[float] | None = None
+
+    @classmethod
+    def keep(cls, layer: int, num_experts_before: int, kept: list[int], scores: list[float] | None = None):
+        """Keep ``kept`` (renumbered 0..K-1 in ascending order of their old index), drop the rest."""
+        return cls(
+            layer=layer,
+            num_experts_before=num_experts_before,
+            experts=[NewExpert.keep(j) for j in sorted(kept)],
+            scores=scores,
+        )
+
+    @property
+    def num_experts_after(self) -> int:
+        return len(self.experts)
+
+    @property
+    def kept(self) -> list[int]:
+        """Old experts that survive as some new expert's source with non-zero weight."""
+        return sorted({s for e in self.experts for s, w in zip(e.sources, e.weights, strict=True) if w != 0})
+
+    @model_validator(mode="after")
+    def _sources_in_range(self) -> LayerPlan:
+        for e in self.experts:
+            if any(not 0 <= s < self.num_experts_before for s in e.sources):
+                raise ValueError(
+                    f"layer {self.layer}: a source expert is outside 0..{self.num_experts_before - 1}"
+                )
+        return self
+
+
+class ModelPlan(BaseModel):
+    """Everything needed to reproduce a compressed checkpoint from the original one."""
+
+    format: str = PLAN_FORMAT
+    method: str
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    budget: dict[str, Any]
+    top_k: int
+    source: dict[str, Any] = Field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    layers: list[LayerPlan]
+
+    @property
+    def num_experts_after(self) -> list[int]:
+        return [lp.num_experts_after for lp in self.layers]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.model_dump(mode="json"), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelPlan:
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != PLAN_FORMAT:
+            raise ValueError(
+                f"{path}: not a moeshrink plan (format {data.get('format')!r}, expected {PLAN_FORMAT})"
+            )
+        return cls.model_validate(data)

@@ -1,0 +1,112 @@
+"""YAML recipes: the same fields as ``moeshrink prune``, plus a list of steps.
+
+```yaml
+model: path/to/checkpoint
+output: runs/pruned
+calib: [data/task.jsonl]
+samples: 128
+seq_len: 512
+steps:
+  - experts: {method: reap, keep: 8}
+  - top_k: 1
+```
+
+Step kinds: ``experts`` (an expert-level method and its budget; at most one) and ``top_k`` (the
+active experts per token after compression). Top-level ``method``/``keep``/``ratio``/``top_k`` are
+a shorthand for the same steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from moeshrink.errors import MoeShrinkError
+
+
+class ExpertStep(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    keep: int | None = None
+    ratio: float | None = None
+    options: dict[str, Any] = {}
+
+
+class Step(BaseModel):
+    """One step: exactly one of its fields is set."""
+
+    model_config = ConfigDict(extra="forbid")
+    experts: ExpertStep | None = None
+    top_k: int | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Step:
+        if sum(v is not None for v in (self.experts, self.top_k)) != 1:
+            raise ValueError("each step has exactly one kind: 'experts' or 'top_k'")
+        return self
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    output: str | None = None
+    method: str | None = None
+    keep: int | None = None
+    ratio: float | None = None
+    method_options: dict[str, Any] = {}
+    calib: list[str] | str | None = None
+    calib_field: str = "text"
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    top_k: int | None = None
+    device: str = "cpu"
+    dtype: str = "auto"
+    batch_size: int = 8
+    error_propagation: bool = True
+    overwrite: bool = False
+    steps: list[Step] = []
+
+    @model_validator(mode="after")
+    def _fold_steps(self) -> Recipe:
+        expert_steps = [s.experts for s in self.steps if s.experts is not None]
+        if len(expert_steps) > 1:
+            raise ValueError("only one 'experts' step is supported per recipe")
+        if expert_steps:
+            if self.method is not None:
+                raise ValueError("give the method either at the top level or in an 'experts' step, not both")
+            step = expert_steps[0]
+            self.method, self.keep, self.ratio, self.method_options = (
+                step.method,
+                step.keep,
+                step.ratio,
+                step.options,
+            )
+        for s in self.steps:
+            if s.top_k is not None:
+                self.top_k = s.top_k
+        self.steps = []
+        return self
+
+    def prune_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`moeshrink.prune`."""
+        data = self.model_dump(exclude={"steps", "model", "method"})
+        return data
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise MoeShrinkError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return Recipe.model_validate(data)
+    except yaml.YAMLError as e:
+        raise MoeShrinkError(f"{path}: not valid YAML: {e}") from e
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "recipe"
+        raise MoeShrinkError(f"{path}: {where}: {first['msg']}") from e

@@ -1,0 +1,1 @@
+"""Reports: model cards, tables and plots."""

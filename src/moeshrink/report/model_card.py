@@ -1,0 +1,60 @@
+"""The README.md written next to a compressed checkpoint."""
+
+from __future__ import annotations
+
+from moeshrink.info import ModelInfo
+from moeshrink.plan import PLAN_FILENAME, ModelPlan
+
+
+def model_card(plan: ModelPlan, before: ModelInfo, after: ModelInfo, name: str) -> str:
+    """Markdown: what was done, what it kept, what it costs to serve, how to load it."""
+    budget = ", ".join(f"{k}={v}" for k, v in plan.budget.items())
+    calib = plan.calibration or {}
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [moeshrink, mixture-of-experts, expert-pruning]",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"Compressed with [moeshrink](https://pypi.org/project/moeshrink/) from `{plan.source.get('path', '?')}` "
+        f"({plan.source.get('model_type', '?')}) by the **{plan.method}** method ({budget}).",
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+        f"| experts per MoE layer | {before.experts_per_layer[0]} | {after.experts_per_layer[0]} |",
+        f"| active experts per token | {before.top_k} | {after.top_k} |",
+        f"| parameters | {before.parameters:,} | {after.parameters:,} |",
+        f"| routed-expert parameters | {before.expert_parameters:,} | {after.expert_parameters:,} |",
+        f"| bytes ({after.dtype}) | {before.bytes:,} | {after.bytes:,} |",
+        "",
+    ]
+    if calib:
+        lines += [
+            f"Calibration: {calib.get('samples')} sequences x {calib.get('seq_len')} tokens "
+            f"(seed {calib.get('seed')}) from {', '.join(calib.get('files', []))}; "
+            f"sha256 of the token ids `{calib.get('sha256', '')[:16]}...`.",
+            "",
+        ]
+    lines += [
+        "Which old experts make each new one is in "
+        f"[`{PLAN_FILENAME}`]({PLAN_FILENAME}); "
+        "`moeshrink apply ORIGINAL --plan moeshrink_plan.json -o OUT` reproduces this checkpoint from the original.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+        "```",
+        "",
+        f"The checkpoint is a standard {plan.source.get('model_type', '')} checkpoint with one expert count for "
+        "every layer, so vLLM and SGLang serve it as they serve the original (`vllm serve DIR`). A pruned expert "
+        "count may have no tuned fused-MoE kernel configuration in vLLM, which then logs 'Using default MoE config'.",
+        "",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in plan.versions.items())}.",
+        "",
+    ]
+    return "\n".join(lines)

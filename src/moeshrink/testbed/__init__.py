@@ -1,0 +1,1 @@
+"""The embedded testbed: tiny models of every family, the corpus, and the trained testbed MoE."""
