@@ -37,12 +37,14 @@ def _has_experts(config_dict: dict) -> bool:
 
 
 def get_adapter(config) -> FamilyAdapter:
-    """The adapter for ``config.model_type``, or a one-line error saying why there is none."""
-    model_type = getattr(config, "model_type", None)
+    """The adapter for ``config.model_type`` (a config object or the raw config.json dict), or a
+    one-line error saying why there is none."""
+    raw = config if isinstance(config, dict) else config.to_dict()
+    model_type = raw.get("model_type")
     if model_type in ADAPTERS:
         return ADAPTERS[model_type]
     supported = ", ".join(sorted(ADAPTERS))
-    if not _has_experts(config.to_dict()):
+    if not _has_experts(raw):
         raise MoeShrinkError(
             f"'{model_type}' is not a mixture-of-experts model (its config has no expert count): "
             f"moeshrink needs an MoE checkpoint, one of: {supported}"

@@ -42,11 +42,13 @@ def load_config(path: str | Path) -> tuple[PretrainedConfig, FamilyAdapter]:
     """The config and its family adapter, without touching the weights."""
     path = resolve_checkpoint(path)
     try:
-        config = AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError) as e:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        raise MoeShrinkError(f"{path}: cannot read config.json (model_type {model_type!r}): {e}") from e
-    return config, get_adapter(config)
+        raw = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise MoeShrinkError(
+            f"{path / 'config.json'} is not valid JSON ({e.msg}): re-download the checkpoint"
+        ) from e
+    adapter = get_adapter(raw)
+    return AutoConfig.from_pretrained(path), adapter
 
 
 def weight_files(path: Path) -> list[Path]:

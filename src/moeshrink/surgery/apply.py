@@ -42,7 +42,7 @@ def apply_layer_plan(layer: MoELayer, plan: LayerPlan) -> None:
             f"layer {layer.index}: the plan was made for {plan.num_experts_before} experts but the model has "
             f"{layer.num_experts}; apply a plan only to the checkpoint it was made from"
         )
-    new_count = plan.num_experts_after
+    old_count, new_count = layer.num_experts, plan.num_experts_after
     with torch.no_grad():
         if all(e.is_plain_copy for e in plan.experts):
             device = layer.router.weight.device
@@ -60,7 +60,7 @@ def apply_layer_plan(layer: MoELayer, plan: LayerPlan) -> None:
                 merged = torch.stack([_merged_tensor(param.data, spec, e) for e in plan.experts])
                 _replace(layer.experts, spec.name, merged)
             for name, tensor in layer.router_tensors().items():
-                mix = torch.zeros(new_count, layer.num_experts, dtype=torch.float32, device=tensor.device)
+                mix = torch.zeros(new_count, old_count, dtype=torch.float32, device=tensor.device)
                 for i, e in enumerate(plan.experts):
                     for source, w in zip(e.sources, e.router_weights, strict=True):
                         mix[i, source] += w

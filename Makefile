@@ -1,0 +1,42 @@
+# moeshrink: `make demo` and `make test` work on a fresh machine.
+#
+# torch: if the Python that creates the venv already has torch (e.g. a CUDA build on a GPU machine),
+# the venv sees it (--system-site-packages) and keeps it; otherwise $(TORCH) is installed, pinned so
+# pip never pulls a multi-GB CUDA build onto a CPU machine.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.moeshrink-installed
+
+.PHONY: setup demo test test-slow lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+		echo "using the torch already installed for $(PYTHON)"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+		$(PY) -m pip install -q --upgrade pip; \
+		$(PY) -c "import torch" >/dev/null 2>&1 || $(PY) -m pip install -q "$(TORCH)"; \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/moeshrink demo --out runs/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
