@@ -116,8 +116,59 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from moeshrink.demo import run_demo
 
-    run_demo(args.out, overwrite=args.overwrite, progress=not args.quiet)
+    run_demo(
+        args.out,
+        model=args.model,
+        calib_domain=args.calib_domain,
+        keep=args.keep,
+        methods=args.methods,
+        task_limit=args.task_limit or None,
+        progress=not args.quiet,
+    )
     return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moeshrink.evaluate.suite import evaluate_model
+    from moeshrink.io.checkpoint import load_model
+    from moeshrink.report.tables import comparison_rows, text_table
+
+    if args.tasks:
+        from moeshrink.evaluate.tasks import check_task_names
+
+        check_task_names(args.tasks)
+    results = {}
+    for path in args.models:
+        loaded = load_model(path, args.dtype)
+        loaded.model.to(args.device)
+        results[Path(path).name or str(path)] = evaluate_model(
+            loaded.model,
+            loaded.tokenizer,
+            data_dir=Path(args.data) if args.data else None,
+            domains=args.domains,
+            tasks=args.tasks,
+            task_limit=args.task_limit,
+            max_tokens=args.max_tokens,
+            seq_len=args.seq_len,
+            usage=False,
+            speed=not args.no_speed,
+            device=args.device,
+        )
+    header, rows = comparison_rows(results, baseline=next(iter(results)) if len(results) > 1 else None)
+    print(text_table(header, rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_testbed(args: argparse.Namespace) -> int:
+    from moeshrink.testbed import corpus, tokenizer, train
+
+    entry = {"corpus": corpus.main, "tokenizer": tokenizer.main, "train": train.main}[args.step]
+    return entry(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,11 +191,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_apply)
 
-    p = sub.add_parser("demo", help="run the main job end to end on a built-in model and write a report")
+    p = sub.add_parser("eval", help="perplexity per domain, lm-eval tasks, speed and memory; several models side by side")
+    p.add_argument("models", nargs="+", help="checkpoint directories (the first is the baseline)")
+    p.add_argument("--tasks", nargs="+", help="lm-eval tasks: the local moeshrink_<domain> tasks or any lm-eval name")
+    p.add_argument("--task-limit", type=int, help="items per task (default: all)")
+    p.add_argument("--data", help="held-out text as DIR/<domain>/test.jsonl (default: the testbed corpus)")
+    p.add_argument("--domains", nargs="+", help="domains to evaluate (default: all in --data)")
+    p.add_argument("--max-tokens", type=int, default=32768, help="held-out tokens per domain (default 32768)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="prune the shipped testbed with every method and write a comparison report")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--overwrite", action="store_true", default=True)
+    p.add_argument("--model", help="another checkpoint to run the demo on (default: the testbed)")
+    p.add_argument("--calib-domain", default="wiki")
+    p.add_argument("--keep", type=int, default=8)
+    p.add_argument("--methods", nargs="+")
+    p.add_argument("--task-limit", type=int, default=100, help="items per multiple-choice task (0 = all)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("testbed", help="rebuild the testbed: corpus, tokenizer, or train the model")
+    p.add_argument("step", choices=["corpus", "tokenizer", "train"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that step (see its --help)")
+    p.set_defaults(func=_cmd_testbed)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity per domain, lm-eval multiple-choice tasks, expert usage, speed and memory."""

@@ -1,0 +1,75 @@
+"""Speed (prefill and decode tokens/s) and memory (parameter bytes, peak RSS, peak GPU memory)."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+from torch import nn
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (the high-water mark, not the current use)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_speed(
+    model: nn.Module,
+    *,
+    batch_size: int = 4,
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    device: str = "cpu",
+    vocab_size: int | None = None,
+) -> dict[str, float]:
+    """Best-of-``repeats`` prefill and greedy-decode throughput on random prompts."""
+    device_t = torch.device(device)
+    vocab = vocab_size or model.config.vocab_size
+    ids = torch.randint(1, vocab, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)).to(device_t)
+    if device_t.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device_t)
+    model(input_ids=ids[:, :8])  # warm-up
+    prefill, decode = float("inf"), float("inf")
+    for _ in range(repeats):
+        _sync(device_t)
+        t = time.perf_counter()
+        model(input_ids=ids)
+        _sync(device_t)
+        prefill = min(prefill, time.perf_counter() - t)
+        t = time.perf_counter()
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=model.config.pad_token_id or 0,
+        )
+        _sync(device_t)
+        decode = min(decode, time.perf_counter() - t - prefill)
+    result = {
+        "prefill_tokens_per_s": batch_size * prompt_len / prefill,
+        "decode_tokens_per_s": batch_size * new_tokens / max(decode, 1e-9),
+        "batch_size": batch_size,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "parameter_bytes": parameter_bytes(model),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    if device_t.type == "cuda":
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device_t)
+    return result

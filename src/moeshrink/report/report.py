@@ -1,0 +1,81 @@
+"""The Markdown + JSON report of a comparison run (``moeshrink demo``, the quality benchmark)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+from moeshrink.report.plots import perplexity_bars, usage_heatmaps
+from moeshrink.report.tables import comparison_rows, markdown_table
+
+
+def _geomean_ratio(result: dict, base: dict, domains: list[str]) -> float:
+    logs = [math.log(result["domains"][d]["perplexity"] / base["domains"][d]["perplexity"]) for d in domains]
+    return math.exp(sum(logs) / len(logs))
+
+
+def write_report(
+    out_dir: Path,
+    results: Mapping[str, dict],
+    *,
+    baseline: str,
+    title: str,
+    intro: str,
+    calib_domain: str | None = None,
+    details: Mapping[str, dict] | None = None,
+) -> Path:
+    """Write ``report.md``, ``report.json``, ``perplexity.png`` and ``expert_usage.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    perplexity_bars(results, out_dir / "perplexity.png", title=f"{title}: held-out perplexity")
+    base = results[baseline]
+    usage = {d: v["expert_usage"] for d, v in base["domains"].items() if "expert_usage" in v}
+    if usage:
+        usage_heatmaps(usage, out_dir / "expert_usage.png", title=f"Expert usage of {baseline} by domain")
+    header, rows = comparison_rows(results, baseline)
+    domains = list(base["domains"])
+    lines = [f"# {title}", "", intro, "", markdown_table(header, rows), ""]
+    lines += [
+        "Perplexity is per token on held-out text (x = ratio to the unpruned model); acc is lm-eval's "
+        "multiple-choice accuracy (4 choices, chance 0.25).",
+        "",
+    ]
+    others = [d for d in domains if d != calib_domain]
+    summary = []
+    for name, r in results.items():
+        if name == baseline:
+            continue
+        cell = {"model": name}
+        if calib_domain in domains:
+            cell[f"ppl ratio on {calib_domain} (calibrated)"] = _geomean_ratio(r, base, [calib_domain])
+        if others:
+            cell["ppl ratio on other domains (geomean)"] = _geomean_ratio(r, base, others)
+        summary.append(cell)
+    if summary:
+        keys = list(summary[0])
+        lines += ["## Perplexity ratio to the unpruned model", ""]
+        lines.append(markdown_table(keys, [[c["model"]] + [f"{c[k]:.3f}" for k in keys[1:]] for c in summary]))
+        lines.append("")
+        best = min(summary, key=lambda c: c[keys[-1]])
+        lines += [f"Lowest ratio ({keys[-1]}): **{best['model']}** ({best[keys[-1]]:.3f}).", ""]
+    lines += ["![perplexity](perplexity.png)", ""]
+    if usage:
+        lines += [
+            f"## Expert usage of {baseline}",
+            "",
+            "Fraction of tokens routed to each expert, per layer and held-out domain (rows sum to top-k).",
+            "",
+            "![expert usage](expert_usage.png)",
+            "",
+        ]
+    if details:
+        lines += ["## Runs", ""]
+        for name, d in details.items():
+            lines.append(f"- **{name}**: " + "; ".join(f"{k}: {v}" for k, v in d.items()))
+        lines.append("")
+    (out_dir / "report.md").write_text("\n".join(lines))
+    payload = {"title": title, "baseline": baseline, "calib_domain": calib_domain, "results": results}
+    payload["details"] = dict(details or {})
+    (out_dir / "report.json").write_text(json.dumps(payload, indent=1) + "\n")
+    return out_dir / "report.md"
