@@ -48,6 +48,9 @@ def test_observer_statistics_match_brute_force(family):
         stats.soft_mass, layer.probabilities(logits).double().sum(0), rtol=1e-5, atol=1e-6
     )
     torch.testing.assert_close(stats.logits, logits.float())
+    torch.testing.assert_close(stats.inputs, flat)
+    all_outputs = torch.stack([layer.expert_outputs(flat, torch.full((20,), j)) for j in range(n)])
+    torch.testing.assert_close(stats.mean_outputs(), all_outputs.double().mean(1), rtol=1e-4, atol=1e-6)
 
 
 def test_top_scores_ties_and_groups():

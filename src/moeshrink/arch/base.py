@@ -106,3 +106,47 @@ class MoELayer:
 
     def expert_parameter_count(self) -> int:
         return sum(self.param(t.name).numel() for t in self.expert_tensors)
+
+    def _spec(self, name: str) -> ExpertTensor | None:
+        return next((t for t in self.expert_tensors if t.name == name), None)
+
+    def neuron_features(self, expert: int) -> torch.Tensor:
+        """Everything that belongs to each intermediate neuron of ``expert``, one row per neuron [I, F].
+
+        Built from the specs, so it follows the neuron permutation of :meth:`ExpertTensor.neuron_index`:
+        permuting ``expert`` by ``perm`` permutes these rows by ``perm``. A row is the concatenation,
+        over every tensor with a neuron axis, of that neuron's slots (``plain``: slot n; ``halves``:
+        slots n and n + I; ``interleaved``: slots 2n and 2n + 1), each slot flattened (a gate/up row,
+        a down column, a bias entry). float32.
+        """
+        size = self.intermediate_size
+        parts = []
+        for spec in self.expert_tensors:
+            if spec.layout == "none" or spec.neuron_dim is None:
+                continue
+            t = self.param(spec.name).detach()[expert].float().movedim(spec.neuron_dim, 0)
+            t = t.reshape(t.shape[0], -1)  # [slots, rest]
+            if spec.layout == "halves":
+                t = torch.cat([t[:size], t[size:]], dim=1)
+            elif spec.layout == "interleaved":
+                t = t.reshape(size, -1)  # rows 2n, 2n + 1 are consecutive
+            parts.append(t)
+        return torch.cat(parts, dim=1)
+
+    def intermediate(self, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+        """The intermediate activation [T, I] of ``expert`` on ``hidden`` [T, H]: the input of its down
+        projection, through the model's own gating (``experts._apply_gate``, which transformers attaches
+        to every experts class; GPT-OSS has its own, with clamping on interleaved columns)."""
+        spec = self._spec("gate_up_proj")
+        if spec is None:
+            raise ValueError(
+                f"layer {self.index}: no gate_up_proj tensor to compute intermediate activations"
+            )
+        weight = self.param(spec.name).detach()[expert]
+        hidden = hidden.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            # neuron axis first: [2I, H] (nn.Linear layout); neuron axis last: transposed [H, 2I].
+            out = torch.nn.functional.linear(hidden, weight) if spec.neuron_dim == 0 else hidden @ weight
+            if self._spec("gate_up_proj_bias") is not None:
+                out = out + self.param("gate_up_proj_bias").detach()[expert]
+            return self.experts._apply_gate(out)

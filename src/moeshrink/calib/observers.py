@@ -17,7 +17,9 @@ SOFT_MASS = "soft_mass"  # sum of router probabilities over tokens [E]
 LOGITS = "logits"  # a sample of router logits [T, E]
 COACTIVATION = "coactivation"  # how often experts i and j are chosen for the same token [E, E]
 EXPERT_NORMS = "expert_norms"  # sum of ||E_j(x)|| and g_j(x)*||E_j(x)|| over tokens routed to j [E]
-STATISTICS = frozenset({COUNTS, SOFT_MASS, LOGITS, COACTIVATION, EXPERT_NORMS})
+INPUTS = "inputs"  # a sample of the MoE layer's input hidden states [T, H], the same tokens as LOGITS
+MEAN_OUTPUTS = "mean_outputs"  # sum over all tokens of every expert's output E_j(x) [E, H] (E x the MoE FLOPs)
+STATISTICS = frozenset({COUNTS, SOFT_MASS, LOGITS, COACTIVATION, EXPERT_NORMS, INPUTS, MEAN_OUTPUTS})
 
 
 @dataclass
@@ -32,11 +34,18 @@ class LayerStats:
     coactivation: torch.Tensor | None = None
     norm_sum: torch.Tensor | None = None
     gated_norm_sum: torch.Tensor | None = None
+    inputs: torch.Tensor | None = None
+    output_sum: torch.Tensor | None = None
     _logit_parts: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _input_parts: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     def frequency(self) -> torch.Tensor:
         """Fraction of tokens that chose each expert."""
         return self.counts / max(self.num_tokens, 1)
+
+    def mean_outputs(self) -> torch.Tensor:
+        """Each expert's mean output over all calibration tokens, routed to it or not [E, H]."""
+        return self.output_sum / max(self.num_tokens, 1)
 
 
 def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -51,13 +60,13 @@ class LayerObserver:
     MoE forward's worth of FLOPs, not E times.
     """
 
-    def __init__(self, layer: MoELayer, needs: frozenset[str] | set[str], max_logit_tokens: int = 16384):
+    def __init__(self, layer: MoELayer, needs: frozenset[str] | set[str], max_sample_tokens: int = 16384):
         unknown = set(needs) - STATISTICS
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
         self.layer = layer
         self.needs = set(needs) | {COUNTS}
-        self.max_logit_tokens = max_logit_tokens
+        self.max_sample_tokens = max_sample_tokens
         self.stats = LayerStats(num_experts=layer.num_experts)
         self._handles: list = []
 
@@ -71,9 +80,13 @@ class LayerObserver:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self.stats._logit_parts:
-            self.stats.logits = torch.cat(self.stats._logit_parts)[: self.max_logit_tokens]
-            self.stats._logit_parts.clear()
+        s = self.stats
+        if s._logit_parts:
+            s.logits = torch.cat(s._logit_parts)
+            s._logit_parts.clear()
+        if s._input_parts:
+            s.inputs = torch.cat(s._input_parts)
+            s._input_parts.clear()
 
     @torch.no_grad()
     def _on_router(self, module, args, output) -> None:
@@ -89,10 +102,22 @@ class LayerObserver:
             s.soft_mass = _add(s.soft_mass, self.layer.probabilities(logits).double().sum(0))
         if COACTIVATION in self.needs:
             s.coactivation = _add(s.coactivation, chosen.T @ chosen)
-        if LOGITS in self.needs:
-            have = sum(p.shape[0] for p in s._logit_parts)
-            if have < self.max_logit_tokens:
-                s._logit_parts.append(logits[: self.max_logit_tokens - have].cpu())
+        room = self.max_sample_tokens - sum(p.shape[0] for p in s._logit_parts)
+        if room > 0 and (LOGITS in self.needs or INPUTS in self.needs):
+            s._logit_parts.append(logits[:room].cpu())
+            if INPUTS in self.needs:
+                s._input_parts.append(args[0].reshape(-1, args[0].shape[-1])[:room].float().cpu())
+        if MEAN_OUTPUTS in self.needs:
+            hidden = args[0].reshape(-1, args[0].shape[-1])
+            total = torch.stack(
+                [
+                    self.layer.expert_outputs(hidden, torch.full((hidden.shape[0],), j, device=hidden.device))
+                    .double()
+                    .sum(0)
+                    for j in range(num_experts)
+                ]
+            )
+            s.output_sum = _add(s.output_sum, total)
 
     @torch.no_grad()
     def _on_experts(self, module, args, output) -> None:

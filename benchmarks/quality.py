@@ -1,0 +1,186 @@
+"""Quality benchmark: method x experts kept x calibration domain on the testbed.
+
+For every calibration domain and budget, each method prunes the testbed (in memory), and the result
+is evaluated on every domain's held-out text (perplexity; lm-eval multiple choice with --tasks).
+Also records each method's compression time relative to the floor: one forward pass of the unpruned
+model over the same calibration tokens. Results go to OUT.json (resumable) and OUT.md.
+
+    python benchmarks/quality.py --out docs/quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from moeshrink.calib.data import build_calibration
+from moeshrink.evaluate.suite import evaluate_model
+from moeshrink.io.checkpoint import load_model
+from moeshrink.methods import METHODS
+from moeshrink.pipeline import prune
+from moeshrink.report.tables import markdown_table
+from moeshrink.testbed.paths import DOMAINS, corpus_dir, testbed_model_dir
+
+
+def forward_floor(model, tokenizer, calib: Path, samples: int, seq_len: int, batch_size: int = 8) -> float:
+    """Seconds for one forward pass of ``model`` over the calibration tokens (best of 2)."""
+    ids = build_calibration(tokenizer, [calib], samples, seq_len, seed=0).input_ids
+    best = math.inf
+    with torch.no_grad():
+        for _ in range(2):
+            t = time.perf_counter()
+            for start in range(0, ids.shape[0], batch_size):
+                model.model(input_ids=ids[start : start + batch_size])
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/quality"))
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--keep", type=int, nargs="+", default=[12, 8, 4])
+    parser.add_argument("--calib-domains", nargs="+", default=list(DOMAINS))
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--tasks", action="store_true", help="also run the lm-eval multiple-choice tasks")
+    parser.add_argument("--task-limit", type=int, default=100)
+    args = parser.parse_args()
+    model_dir = args.model or testbed_model_dir()
+    json_path = args.out.with_suffix(".json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(json_path.read_text()) if json_path.exists() else {"rows": {}}
+    evaluate = dict(
+        max_tokens=args.eval_tokens,
+        speed=False,
+        usage=False,
+        tasks=[f"moeshrink_{d}" for d in DOMAINS] if args.tasks else None,
+        task_limit=args.task_limit,
+    )
+    if "baseline" not in data:
+        base = load_model(model_dir)
+        data["baseline"] = evaluate_model(base.model, base.tokenizer, **evaluate)
+        data["floor_seconds"] = {
+            d: forward_floor(
+                base.model, base.tokenizer, corpus_dir() / d / "calib.jsonl", args.samples, args.seq_len
+            )
+            for d in args.calib_domains
+        }
+        data["settings"] = vars(args) | {"out": str(args.out), "model": str(model_dir)}
+    for calib_domain in args.calib_domains:
+        for keep in args.keep:
+            for method in args.methods:
+                key = f"{method}|{keep}|{calib_domain}"
+                if key in data["rows"]:
+                    continue
+                print(f"[quality] {key}", flush=True)
+                result = prune(
+                    model_dir,
+                    method,
+                    keep=keep,
+                    calib=corpus_dir() / calib_domain / "calib.jsonl",
+                    samples=args.samples,
+                    seq_len=args.seq_len,
+                    progress=False,
+                )
+                row = evaluate_model(result.model, result.tokenizer, **evaluate)
+                row["compress_seconds"] = result.seconds["compress"]
+                row["time_over_floor"] = result.seconds["compress"] / data["floor_seconds"][calib_domain]
+                data["rows"][key] = row
+                json_path.write_text(json.dumps(data, indent=1) + "\n")
+    json_path.write_text(json.dumps(data, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(render(data))
+    print(f"wrote {json_path} and {args.out.with_suffix('.md')}")
+
+
+def render(data: dict) -> str:
+    base = data["baseline"]
+    domains = list(base["domains"])
+    settings = data["settings"]
+    command = (
+        "python benchmarks/quality.py --out "
+        + settings["out"]
+        + (" --tasks" if settings.get("tasks") else "")
+    )
+    lines = [
+        "# Quality benchmark on the testbed",
+        "",
+        f"Command: `{command}` (model `{Path(settings['model']).name}`, {settings['samples']} x "
+        f"{settings['seq_len']} calibration tokens, perplexity on up to {settings['eval_tokens']} held-out "
+        "tokens per domain).",
+        "",
+        "Unpruned perplexity: "
+        + ", ".join(f"{d} {base['domains'][d]['perplexity']:.2f}" for d in domains)
+        + ".",
+        "",
+    ]
+    rows = data["rows"]
+    keeps = sorted({int(k.split("|")[1]) for k in rows}, reverse=True)
+    methods = list(dict.fromkeys(k.split("|")[0] for k in rows))
+    calib_domains = list(dict.fromkeys(k.split("|")[2] for k in rows))
+    lines += [
+        "## Summary: perplexity ratio to the unpruned model (geometric mean over calibration domains)",
+        "",
+    ]
+    header = [
+        "experts kept",
+        "method",
+        "on the calibrated domain",
+        "on the other domains",
+        "time / forward floor",
+    ]
+    table = []
+    for keep in keeps:
+        for method in methods:
+            own, other, ratio_time = [], [], []
+            for c in calib_domains:
+                r = rows.get(f"{method}|{keep}|{c}")
+                if r is None:
+                    continue
+                for d in domains:
+                    ratio = math.log(r["domains"][d]["perplexity"] / base["domains"][d]["perplexity"])
+                    (own if d == c else other).append(ratio)
+                ratio_time.append(r["time_over_floor"])
+            if own:
+                table.append(
+                    [
+                        str(keep),
+                        method,
+                        f"{math.exp(sum(own) / len(own)):.3f}",
+                        f"{math.exp(sum(other) / len(other)):.3f}",
+                        f"{sum(ratio_time) / len(ratio_time):.1f}",
+                    ]
+                )
+    lines += [markdown_table(header, table), ""]
+    for keep in keeps:
+        lines += [f"## 16 -> {keep} experts: perplexity per domain (calibrated domain in bold)", ""]
+        header = ["method", "calibrated on"] + domains
+        table = []
+        for c in calib_domains:
+            for method in methods:
+                r = rows.get(f"{method}|{keep}|{c}")
+                if r is None:
+                    continue
+                cells = []
+                for d in domains:
+                    cell = f"{r['domains'][d]['perplexity']:.2f}"
+                    cells.append(f"**{cell}**" if d == c else cell)
+                if "tasks" in r:
+                    cells = [
+                        f"{cell} / {r['tasks'][f'moeshrink_{d}']['acc']:.2f}"
+                        for cell, d in zip(cells, domains, strict=True)
+                    ]
+                table.append([method, c, *cells])
+        lines += [markdown_table(header, table), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
