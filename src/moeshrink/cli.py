@@ -141,7 +141,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         check_task_names(args.tasks)
     results = {}
     for path in args.models:
-        loaded = load_model(path, args.dtype)
+        loaded = load_model(path, args.dtype, device=args.device)
         loaded.model.to(args.device)
         results[Path(path).name or str(path)] = evaluate_model(
             loaded.model,

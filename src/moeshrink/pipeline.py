@@ -130,7 +130,7 @@ def prune(
     timings["prepare"] = time.perf_counter() - start
 
     t = time.perf_counter()
-    loaded = load_model(path, dtype, tokenizer=tokenizer)
+    loaded = load_model(path, dtype, tokenizer=tokenizer, device=device)
     timings["load"] = time.perf_counter() - t
     before = describe_model(loaded.model, adapter)
 

@@ -123,14 +123,20 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def load_model(path: str | Path, dtype: str = "auto", tokenizer: object | None = None) -> LoadedModel:
-    """Validate the files, load the model on CPU in eval mode, and check its weights are finite."""
+def load_model(
+    path: str | Path, dtype: str = "auto", tokenizer: object | None = None, device: str = "cpu"
+) -> LoadedModel:
+    """Validate the files, load the model on CPU in eval mode, and check its weights are finite.
+
+    When the work happens on the CPU the experts run through transformers' eager loop, which there
+    is many times faster than the default grouped-matmul kernels (30x on the testbed)."""
     path = resolve_checkpoint(path)
     _, adapter = load_config(path)
     for file in weight_files(path):
         check_safetensors_file(file)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    experts = "eager" if torch.device(device).type == "cpu" else None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, experts_implementation=experts)
     model.eval()
     check_finite(model)
     layers = adapter.moe_layers(model)

@@ -8,12 +8,25 @@ from moeshrink.errors import MoeShrinkError
 from moeshrink.methods.base import ExpertMethod, LayerBudget, ScorePruning, top_scores
 from moeshrink.methods.ean import EANPruning
 from moeshrink.methods.frequency import FrequencyPruning
+from moeshrink.methods.hcsmoe import HCSMoE
+from moeshrink.methods.msmoe import MSMoE
 from moeshrink.methods.random import RandomPruning
 from moeshrink.methods.reap import REAPPruning
 from moeshrink.methods.soft_activation import SoftActivationPruning
+from moeshrink.methods.uncurl import UNCURL
 
 METHODS: dict[str, type[ExpertMethod]] = {
-    m.name: m for m in (RandomPruning, FrequencyPruning, SoftActivationPruning, EANPruning, REAPPruning)
+    m.name: m
+    for m in (
+        RandomPruning,
+        FrequencyPruning,
+        SoftActivationPruning,
+        EANPruning,
+        REAPPruning,
+        MSMoE,
+        HCSMoE,
+        UNCURL,
+    )
 }
 
 

@@ -1,0 +1,128 @@
+"""What the merging methods share: from clusters of experts to merged experts.
+
+A merging method only decides the clusters. Each cluster becomes one new expert: its most-used
+member is the anchor, the other members are (optionally) neuron-aligned to it, and the members are
+averaged with weights proportional to how often the router chose them. The new router row is a
+combination of the members' rows (``router``):
+
+* ``average`` — the same frequency weights as the expert weights;
+* ``anchor`` — the anchor's row alone;
+* ``logsumexp`` — least-squares coefficients over the member rows so that the new logit tracks the
+  cluster's total routing mass: log-sum-exp of the members' logits for softmax routers (the merged
+  expert then receives the probability its members had together), the logit of the summed sigmoid
+  scores for sigmoid routers; fitted on calibration tokens routed to any member.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+import torch
+
+from moeshrink.arch import MoELayer
+from moeshrink.arch.routing import sigmoid_probabilities
+from moeshrink.calib.observers import COUNTS, INPUTS, LOGITS, LayerStats
+from moeshrink.errors import MoeShrinkError
+from moeshrink.methods.base import ExpertMethod, LayerBudget
+from moeshrink.plan import LayerPlan, NewExpert
+from moeshrink.surgery.align import align_to_anchor
+
+ALIGN_CHOICES = ("weight", "activation", "none")
+ROUTER_CHOICES = ("average", "anchor", "logsumexp")
+MAX_ALIGN_TOKENS = 4096
+
+
+class MergeMethod(ExpertMethod):
+    """Cluster the experts of a layer, then merge each cluster into one expert."""
+
+    base_needs: frozenset[str] = frozenset({COUNTS})
+    default_align = "weight"
+
+    def __init__(self, seed: int = 0, align: str | None = None, router: str = "average", **options: Any):
+        super().__init__(seed=seed, **options)
+        self.align = align or self.default_align
+        if self.align not in ALIGN_CHOICES:
+            raise MoeShrinkError(f"align must be one of {', '.join(ALIGN_CHOICES)}, got {self.align!r}")
+        if router not in ROUTER_CHOICES:
+            raise MoeShrinkError(f"router must be one of {', '.join(ROUTER_CHOICES)}, got {router!r}")
+        self.router = router
+        needs = set(self.base_needs)
+        if self.align == "activation":
+            needs.add(INPUTS)
+        if router == "logsumexp":
+            needs.add(LOGITS)
+        self.needs = frozenset(needs)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"seed": self.seed, "align": self.align, "router": self.router}
+
+    @abstractmethod
+    def clusters(self, layer: MoELayer, stats: LayerStats, budget: LayerBudget) -> list[list[int]]:
+        """``budget.keep`` disjoint clusters covering every expert of the layer."""
+
+    def plan_layer(self, layer: MoELayer, stats: LayerStats | None, budget: LayerBudget) -> LayerPlan:
+        clusters = self.clusters(layer, stats, budget)
+        covered = sorted(j for c in clusters for j in c)
+        if len(clusters) != budget.keep or covered != list(range(layer.num_experts)):
+            raise AssertionError(
+                f"{self.name}: clusters {clusters} do not partition the experts into {budget.keep}"
+            )
+        experts = [self.merge(layer, stats, c) for c in clusters]
+        experts.sort(
+            key=lambda e: e.sources[0]
+        )  # new experts ordered by anchor: routing groups stay contiguous
+        counts = stats.counts.tolist()
+        return LayerPlan(
+            layer=layer.index, num_experts_before=layer.num_experts, experts=experts, scores=counts
+        )
+
+    def merge(self, layer: MoELayer, stats: LayerStats, cluster: list[int]) -> NewExpert:
+        """One new expert from ``cluster``: anchor first, aligned members, frequency weights, router row."""
+        counts = stats.counts.double()
+        members = sorted(cluster, key=lambda j: (-float(counts[j]), j))
+        anchor = members[0]
+        mass = counts[members]
+        weights = (mass / mass.sum() if mass.sum() > 0 else torch.full_like(mass, 1 / len(members))).tolist()
+        permutations = None
+        if self.align != "none" and len(members) > 1:
+            hidden = stats.inputs[:MAX_ALIGN_TOKENS] if self.align == "activation" else None
+            perms = align_to_anchor(layer, anchor, members[1:], hidden=hidden, method=self.align)
+            permutations = [None] + [perms[m] for m in members[1:]]
+        return NewExpert(
+            sources=members,
+            weights=weights,
+            permutations=permutations,
+            router_weights=self.router_row(layer, stats, members, weights),
+        )
+
+    def router_row(
+        self, layer: MoELayer, stats: LayerStats, members: list[int], weights: list[float]
+    ) -> list[float]:
+        if len(members) == 1:
+            return [1.0]
+        if self.router == "average":
+            return weights
+        if self.router == "anchor":
+            return [1.0] + [0.0] * (len(members) - 1)
+        return logit_space_coefficients(layer, stats.logits, members)
+
+
+def logit_space_coefficients(layer: MoELayer, logits: torch.Tensor, members: list[int]) -> list[float]:
+    """Coefficients c over the member rows with sum_j c_j * logit_j(x) ~ the cluster's total routing
+    mass in logit space, by ridge-regularised least squares on the sampled calibration tokens."""
+    member_logits = logits[:, members].double()
+    _, index = layer.route(logits)
+    routed = torch.isin(index, torch.tensor(members)).any(dim=1)
+    if int(routed.sum()) >= 4 * len(members):
+        member_logits = member_logits[routed]
+    if layer.probabilities is sigmoid_probabilities:
+        total = torch.sigmoid(member_logits).sum(1).clamp(1e-4, 1 - 1e-4)
+        target = torch.log(total) - torch.log1p(-total)
+    else:
+        target = torch.logsumexp(member_logits, dim=1)
+    gram = member_logits.T @ member_logits
+    ridge = 1e-6 * gram.diagonal().mean() * torch.eye(len(members), dtype=gram.dtype)
+    coefficients = torch.linalg.solve(gram + ridge, member_logits.T @ target)
+    return coefficients.tolist()
