@@ -40,3 +40,10 @@ def tree_digest(directory: Path) -> dict[str, str]:
         for p in sorted(directory.rglob("*"))
         if p.is_file()
     }
+
+
+def pytest_configure(config):
+    """Tiny models gain nothing from several threads; one keeps a 2-core machine responsive."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -67,7 +67,9 @@ def test_logsumexp_router_tracks_the_cluster_mass_better_than_averaging():
     coefficients = torch.tensor(
         logit_space_coefficients(_Layer(), stats.logits, members), dtype=torch.float64
     )
-    routed = torch.isin(_Layer.route(stats.logits)[1], torch.tensor(members)).any(1)  # the tokens it is fitted on
+    routed = torch.isin(_Layer.route(stats.logits)[1], torch.tensor(members)).any(
+        1
+    )  # the tokens it is fitted on
     logits = stats.logits.double()[routed]
     target = torch.logsumexp(logits[:, members], 1)
     fitted = logits[:, members] @ coefficients
@@ -107,7 +109,8 @@ with torch.no_grad():
         ("mixtral", "uncurl", {"align": "activation", "router": "logsumexp"}),
         ("qwen2_moe", "msmoe", {}),
         ("deepseek_v3", "hcsmoe", {"router": "logsumexp"}),
-        ("gpt_oss", "uncurl", {}),
+        ("gpt_oss", "uncurl", {"reconstruct": True}),
+        ("qwen3_moe", "msmoe", {"reconstruct": True, "router": "logsumexp"}),
     ],
 )
 def test_merged_checkpoint_reloads_with_the_in_memory_logits(
@@ -145,3 +148,65 @@ def test_merged_checkpoint_reloads_with_the_in_memory_logits(
     assert plan["method_options"]["align"] == (
         options.get("align") or ("none" if method == "hcsmoe" else "weight")
     )
+
+
+def test_reconstruction_lowers_the_layer_error_and_the_plan_reapplies(checkpoints, calib_file, tmp_path):
+    """The re-fit down projection matches the cluster's outputs better than the plain merge does, and
+    ``apply`` reproduces the checkpoint from plan + refit file."""
+    from safetensors.torch import load_file
+
+    from moeshrink.plan import REFIT_FILENAME
+
+    kwargs = dict(keep=4, calib=calib_file, samples=8, seq_len=32, progress=False)
+    plain = moeshrink.prune(checkpoints["mixtral"], "uncurl", **kwargs)
+    refit = moeshrink.prune(
+        checkpoints["mixtral"],
+        "uncurl",
+        output=tmp_path / "out",
+        method_options={"reconstruct": True},
+        **kwargs,
+    )
+    assert (tmp_path / "out" / REFIT_FILENAME).is_file()
+    changed = [e for lp in refit.plan.layers for e in lp.experts if e.refit]
+    assert changed and all(e.refit == ["down_proj"] for e in changed)
+    assert [lp.kept for lp in plain.plan.layers] == [lp.kept for lp in refit.plan.layers]
+    moeshrink.apply_plan(checkpoints["mixtral"], tmp_path / "out" / "moeshrink_plan.json", tmp_path / "again")
+    first, second = (
+        load_file(tmp_path / "out" / "model.safetensors"),
+        load_file(tmp_path / "again" / "model.safetensors"),
+    )
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_refit_solves_the_weighted_least_squares_problem():
+    """On a layer whose cluster target is known, the re-fit down projection is the ridge solution."""
+    from transformers import AutoModelForCausalLM
+
+    from moeshrink.arch import ADAPTERS
+    from moeshrink.plan import LayerPlan, NewExpert
+    from moeshrink.surgery import apply_layer_plan
+    from moeshrink.surgery.reconstruct import cluster_targets, refit_down_projection
+    from moeshrink.testbed.tiny import randomize_routers, tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("mixtral")).eval()
+    randomize_routers(model, "mixtral")
+    layer = ADAPTERS["mixtral"].moe_layers(model)[0]
+    x = torch.randn(300, layer.hidden_size)
+    with torch.no_grad():
+        logits = layer.router(x)[0]
+    experts = [NewExpert(sources=[0, 1], weights=[0.5, 0.5], router_weights=[0.5, 0.5])]
+    experts += [NewExpert.keep(j) for j in range(2, 8)]
+    plan = LayerPlan(layer=layer.index, num_experts_before=8, experts=experts)
+    targets = cluster_targets(layer, plan, x, logits)
+    apply_layer_plan(layer, plan)
+    t = targets[0]
+    before = (
+        layer.expert_outputs(x[t.tokens], torch.zeros(len(t.tokens), dtype=torch.long)).double() - t.target
+    )
+    refit_down_projection(layer, 0, x, t, ridge=1e-6)
+    after = (
+        layer.expert_outputs(x[t.tokens], torch.zeros(len(t.tokens), dtype=torch.long)).double() - t.target
+    )
+    weighted = lambda r: float((t.weight[:, None] * r**2).sum())  # noqa: E731
+    assert weighted(after) < 0.9 * weighted(before)

@@ -191,9 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_apply)
 
-    p = sub.add_parser("eval", help="perplexity per domain, lm-eval tasks, speed and memory; several models side by side")
+    p = sub.add_parser(
+        "eval", help="perplexity per domain, lm-eval tasks, speed and memory; several models side by side"
+    )
     p.add_argument("models", nargs="+", help="checkpoint directories (the first is the baseline)")
-    p.add_argument("--tasks", nargs="+", help="lm-eval tasks: the local moeshrink_<domain> tasks or any lm-eval name")
+    p.add_argument(
+        "--tasks", nargs="+", help="lm-eval tasks: the local moeshrink_<domain> tasks or any lm-eval name"
+    )
     p.add_argument("--task-limit", type=int, help="items per task (default: all)")
     p.add_argument("--data", help="held-out text as DIR/<domain>/test.jsonl (default: the testbed corpus)")
     p.add_argument("--domains", nargs="+", help="domains to evaluate (default: all in --data)")
@@ -205,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("demo", help="prune the shipped testbed with every method and write a comparison report")
+    p = sub.add_parser(
+        "demo", help="prune the shipped testbed with every method and write a comparison report"
+    )
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", help="another checkpoint to run the demo on (default: the testbed)")
     p.add_argument("--calib-domain", default="wiki")

@@ -52,11 +52,20 @@ def run_demo(
         results["unpruned"] = evaluate_model(base.model, base.tokenizer, **evaluate)
         del base
         for method in methods:
-            _say(progress, f"pruning with {method}: {results['unpruned']['experts_per_layer'][0]} -> {keep} experts")
+            _say(
+                progress,
+                f"pruning with {method}: {results['unpruned']['experts_per_layer'][0]} -> {keep} experts",
+            )
             t = time.perf_counter()
             run = prune(
-                model, method, keep=keep, calib=calib, output=tmp / "models" / method,
-                samples=samples, seq_len=seq_len, progress=progress,
+                model,
+                method,
+                keep=keep,
+                calib=calib,
+                output=tmp / "models" / method,
+                samples=samples,
+                seq_len=seq_len,
+                progress=progress,
             )
             prune_seconds = time.perf_counter() - t
             results[method] = evaluate_model(run.model, run.tokenizer, **evaluate)
@@ -72,8 +81,13 @@ def run_demo(
             f"Pruned checkpoints are in `models/`."
         )
         write_report(
-            tmp, results, baseline="unpruned", title="moeshrink demo", intro=intro,
-            calib_domain=calib_domain, details=details,
+            tmp,
+            results,
+            baseline="unpruned",
+            title="moeshrink demo",
+            intro=intro,
+            calib_domain=calib_domain,
+            details=details,
         )
     _say(progress, f"wrote {Path(out) / 'report.md'}")
     return Path(out) / "report.md"

@@ -25,7 +25,7 @@ from moeshrink.io.checkpoint import (
     load_tokenizer,
     resolve_checkpoint,
 )
-from moeshrink.io.export import check_output_dir, export_checkpoint
+from moeshrink.io.export import check_output_dir, export_checkpoint, load_plan
 from moeshrink.methods import LayerBudget, get_method
 from moeshrink.plan import ModelPlan
 from moeshrink.report.model_card import model_card
@@ -141,7 +141,7 @@ def prune(
         loaded.model,
         adapter,
         calibration.input_ids if calibration else None,
-        lambda layer, stats: expert_method.plan_layer(layer, stats, budget),
+        lambda layer, stats: expert_method.compress(layer, stats, budget),
         expert_method.needs,
         top_k,
         device=device,
@@ -212,7 +212,7 @@ def apply_plan(
     if output is not None:
         check_output_dir(output, overwrite)
     path = resolve_checkpoint(model)
-    plan = plan if isinstance(plan, ModelPlan) else ModelPlan.load(plan)
+    plan = plan if isinstance(plan, ModelPlan) else load_plan(plan)
     fingerprint = plan.source.get("fingerprint")
     if fingerprint and fingerprint != checkpoint_fingerprint(path):
         raise MoeShrinkError(

@@ -13,10 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
+import torch
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 PLAN_FORMAT = "moeshrink-plan/1"
 PLAN_FILENAME = "moeshrink_plan.json"
+# Weights a plan cannot express as combinations of old experts (least-squares re-fits), saved beside it.
+REFIT_FILENAME = "moeshrink_refit.safetensors"
 
 
 class NewExpert(BaseModel):
@@ -26,6 +29,9 @@ class NewExpert(BaseModel):
     weights: list[float]
     permutations: list[list[int] | None] | None = None
     router_weights: list[float]
+    refit: list[str] = Field(
+        default_factory=list, description="tensors re-fitted after merging (see REFIT_FILENAME)"
+    )
 
     @model_validator(mode="after")
     def _lengths_agree(self) -> NewExpert:
@@ -57,6 +63,12 @@ class LayerPlan(BaseModel):
     num_experts_before: int
     experts: list[NewExpert]
     scores: list[float] | None = None
+    _refit_tensors: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
+
+    @property
+    def refit_tensors(self) -> dict[str, torch.Tensor]:
+        """Re-fitted tensors by ``"{new expert}.{tensor name}"``; saved in REFIT_FILENAME, not in the JSON."""
+        return self._refit_tensors
 
     @classmethod
     def keep(cls, layer: int, num_experts_before: int, kept: list[int], scores: list[float] | None = None):
@@ -103,6 +115,21 @@ class ModelPlan(BaseModel):
     @property
     def num_experts_after(self) -> list[int]:
         return [lp.num_experts_after for lp in self.layers]
+
+    def refit_state(self) -> dict[str, torch.Tensor]:
+        """All re-fitted tensors, keyed ``layers.{layer}.experts.{i}.{name}``."""
+        return {
+            f"layers.{lp.layer}.experts.{key}": t.contiguous()
+            for lp in self.layers
+            for key, t in lp.refit_tensors.items()
+        }
+
+    def attach_refit(self, state: dict[str, torch.Tensor]) -> None:
+        """Put tensors read from REFIT_FILENAME back on their layer plans."""
+        by_layer = {lp.layer: lp for lp in self.layers}
+        for key, tensor in state.items():
+            _, layer, _, rest = key.split(".", 3)
+            by_layer[int(layer)].refit_tensors[rest] = tensor
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.model_dump(mode="json"), indent=1) + "\n")

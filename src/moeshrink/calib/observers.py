@@ -18,7 +18,9 @@ LOGITS = "logits"  # a sample of router logits [T, E]
 COACTIVATION = "coactivation"  # how often experts i and j are chosen for the same token [E, E]
 EXPERT_NORMS = "expert_norms"  # sum of ||E_j(x)|| and g_j(x)*||E_j(x)|| over tokens routed to j [E]
 INPUTS = "inputs"  # a sample of the MoE layer's input hidden states [T, H], the same tokens as LOGITS
-MEAN_OUTPUTS = "mean_outputs"  # sum over all tokens of every expert's output E_j(x) [E, H] (E x the MoE FLOPs)
+MEAN_OUTPUTS = (
+    "mean_outputs"  # sum over all tokens of every expert's output E_j(x) [E, H] (E x the MoE FLOPs)
+)
 STATISTICS = frozenset({COUNTS, SOFT_MASS, LOGITS, COACTIVATION, EXPERT_NORMS, INPUTS, MEAN_OUTPUTS})
 
 

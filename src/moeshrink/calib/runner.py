@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from moeshrink.arch import FamilyAdapter, MoELayer
 from moeshrink.calib.observers import LayerObserver, LayerStats
 from moeshrink.plan import LayerPlan
-from moeshrink.surgery import apply_layer_plan, set_top_k
+from moeshrink.surgery import set_top_k
 
 
 @dataclass
@@ -93,7 +93,8 @@ def run_layer(decoder_layer: nn.Module, hidden: list[torch.Tensor], kwargs: list
     return outputs
 
 
-PlanLayer = Callable[[MoELayer, "LayerStats | None"], LayerPlan]
+# Plans one MoE layer from its statistics and applies the plan to it; returns the plan.
+CompressLayer = Callable[[MoELayer, "LayerStats | None"], LayerPlan]
 
 
 @torch.no_grad()
@@ -101,7 +102,7 @@ def compress_layerwise(
     model: nn.Module,
     adapter: FamilyAdapter,
     input_ids: torch.Tensor | None,
-    plan_layer: PlanLayer,
+    compress_layer: CompressLayer,
     needs: frozenset[str],
     top_k: int,
     *,
@@ -110,7 +111,7 @@ def compress_layerwise(
     error_propagation: bool = True,
     progress: bool = True,
 ) -> list[LayerPlan]:
-    """Plan and apply every MoE layer in order; returns the layer plans.
+    """Compress every MoE layer in order with ``compress_layer``; returns the layer plans.
 
     With no statistics needed (``needs`` empty) no forward pass is made at all.
     """
@@ -120,8 +121,7 @@ def compress_layerwise(
     plans: list[LayerPlan] = []
     if not needs or input_ids is None:
         for moe in moe_by_index.values():
-            plans.append(plan_layer(moe, None))
-            apply_layer_plan(moe, plans[-1])
+            plans.append(compress_layer(moe, None))
             set_top_k(moe, top_k)
         return plans
 
@@ -141,8 +141,7 @@ def compress_layerwise(
         else:
             with LayerObserver(moe, needs) as observer:
                 outputs = run_layer(decoder_layer, hidden, kwargs)
-            plans.append(plan_layer(moe, observer.stats))
-            apply_layer_plan(moe, plans[-1])
+            plans.append(compress_layer(moe, observer.stats))
             set_top_k(moe, top_k)
             if index < last_moe:
                 hidden = run_layer(decoder_layer, hidden, kwargs) if error_propagation else outputs

@@ -22,7 +22,9 @@ def domain_windows(tokenizer, path: Path, seq_len: int, max_tokens: int | None) 
     if max_tokens is not None:
         n = min(n, max(1, max_tokens // seq_len))
     if n == 0:
-        raise MoeShrinkError(f"{path}: fewer than {seq_len} tokens of text; give a longer file or lower --seq-len")
+        raise MoeShrinkError(
+            f"{path}: fewer than {seq_len} tokens of text; give a longer file or lower --seq-len"
+        )
     return stream[: n * seq_len].view(n, seq_len)
 
 
@@ -40,7 +42,11 @@ def perplexity(
         )
         total_nll += float(nll)
         total_tokens += ids[:, 1:].numel()
-    return {"perplexity": math.exp(total_nll / total_tokens), "nll": total_nll / total_tokens, "tokens": total_tokens}
+    return {
+        "perplexity": math.exp(total_nll / total_tokens),
+        "nll": total_nll / total_tokens,
+        "tokens": total_tokens,
+    }
 
 
 @torch.no_grad()
@@ -86,16 +92,22 @@ def evaluate_domains(
     return results
 
 
-def held_out_files(data_dir: Path, domains: Sequence[str] | None = None, split: str = "test") -> dict[str, Path]:
+def held_out_files(
+    data_dir: Path, domains: Sequence[str] | None = None, split: str = "test"
+) -> dict[str, Path]:
     """``{domain: data_dir/domain/split.jsonl}`` for every (or each named) domain directory."""
     if not data_dir.is_dir():
         raise MoeShrinkError(f"evaluation data directory not found: {data_dir}")
     found = {p.parent.name: p for p in sorted(data_dir.glob(f"*/{split}.jsonl"))}
     if not found:
-        raise MoeShrinkError(f"{data_dir} has no */{split}.jsonl files: lay the data out as DOMAIN/{split}.jsonl")
+        raise MoeShrinkError(
+            f"{data_dir} has no */{split}.jsonl files: lay the data out as DOMAIN/{split}.jsonl"
+        )
     if domains:
         missing = [d for d in domains if d not in found]
         if missing:
-            raise MoeShrinkError(f"no {split} data for {', '.join(missing)} in {data_dir} (has: {', '.join(found)})")
+            raise MoeShrinkError(
+                f"no {split} data for {', '.join(missing)} in {data_dir} (has: {', '.join(found)})"
+            )
         found = {d: found[d] for d in domains}
     return found

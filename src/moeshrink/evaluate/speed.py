@@ -39,7 +39,9 @@ def measure_speed(
     """Best-of-``repeats`` prefill and greedy-decode throughput on random prompts."""
     device_t = torch.device(device)
     vocab = vocab_size or model.config.vocab_size
-    ids = torch.randint(1, vocab, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)).to(device_t)
+    ids = torch.randint(1, vocab, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)).to(
+        device_t
+    )
     if device_t.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device_t)
     model(input_ids=ids[:, :8])  # warm-up

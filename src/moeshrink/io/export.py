@@ -14,12 +14,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moeshrink.arch import FamilyAdapter
 from moeshrink.errors import MoeShrinkError
 from moeshrink.io.checkpoint import TOKENIZER_FILES
-from moeshrink.plan import PLAN_FILENAME, ModelPlan
+from moeshrink.plan import PLAN_FILENAME, REFIT_FILENAME, ModelPlan
 
 
 def check_output_dir(output: str | Path, overwrite: bool) -> Path:
@@ -100,6 +101,23 @@ def export_checkpoint(
         write_config_aliases(tmp, adapter, counts.pop(), plan.top_k)
         copy_tokenizer(source, tmp, tokenizer)
         plan.save(tmp / PLAN_FILENAME)
+        refit = plan.refit_state()
+        if refit:
+            save_file(refit, tmp / REFIT_FILENAME, metadata={"format": "pt"})
         if model_card is not None:
             (tmp / "README.md").write_text(model_card)
     return Path(output)
+
+
+def load_plan(path: str | Path) -> ModelPlan:
+    """A saved plan, with its re-fitted tensors when the plan has any."""
+    path = Path(path)
+    plan = ModelPlan.load(path)
+    if any(e.refit for lp in plan.layers for e in lp.experts):
+        refit = path.parent / REFIT_FILENAME
+        if not refit.is_file():
+            raise MoeShrinkError(
+                f"{path} re-fits merged experts but {refit} is missing: keep the two files together"
+            )
+        plan.attach_refit(load_file(refit))
+    return plan

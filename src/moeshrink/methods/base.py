@@ -11,6 +11,7 @@ import torch
 from moeshrink.arch import MoELayer
 from moeshrink.calib.observers import LayerStats
 from moeshrink.plan import LayerPlan
+from moeshrink.surgery import apply_layer_plan
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,12 @@ class ExpertMethod(ABC):
     @abstractmethod
     def plan_layer(self, layer: MoELayer, stats: LayerStats | None, budget: LayerBudget) -> LayerPlan:
         """Decide the new experts of ``layer``."""
+
+    def compress(self, layer: MoELayer, stats: LayerStats | None, budget: LayerBudget) -> LayerPlan:
+        """Plan ``layer`` and apply the plan (a method that refines weights after surgery extends this)."""
+        plan = self.plan_layer(layer, stats, budget)
+        apply_layer_plan(layer, plan)
+        return plan
 
 
 def top_scores(scores: torch.Tensor, keep: int, groups: int = 1) -> list[int]:

@@ -26,7 +26,9 @@ from moeshrink.calib.observers import COUNTS, INPUTS, LOGITS, LayerStats
 from moeshrink.errors import MoeShrinkError
 from moeshrink.methods.base import ExpertMethod, LayerBudget
 from moeshrink.plan import LayerPlan, NewExpert
+from moeshrink.surgery import apply_layer_plan
 from moeshrink.surgery.align import align_to_anchor
+from moeshrink.surgery.reconstruct import cluster_targets, refit_down_projection
 
 ALIGN_CHOICES = ("weight", "activation", "none")
 ROUTER_CHOICES = ("average", "anchor", "logsumexp")
@@ -39,8 +41,17 @@ class MergeMethod(ExpertMethod):
     base_needs: frozenset[str] = frozenset({COUNTS})
     default_align = "weight"
 
-    def __init__(self, seed: int = 0, align: str | None = None, router: str = "average", **options: Any):
+    def __init__(
+        self,
+        seed: int = 0,
+        align: str | None = None,
+        router: str = "average",
+        reconstruct: bool = False,
+        ridge: float = 1e-2,
+        **options: Any,
+    ):
         super().__init__(seed=seed, **options)
+        self.reconstruct, self.ridge = bool(reconstruct), float(ridge)
         self.align = align or self.default_align
         if self.align not in ALIGN_CHOICES:
             raise MoeShrinkError(f"align must be one of {', '.join(ALIGN_CHOICES)}, got {self.align!r}")
@@ -52,11 +63,30 @@ class MergeMethod(ExpertMethod):
             needs.add(INPUTS)
         if router == "logsumexp":
             needs.add(LOGITS)
+        if self.reconstruct:
+            needs |= {INPUTS, LOGITS}
         self.needs = frozenset(needs)
 
     @property
     def options(self) -> dict[str, Any]:
-        return {"seed": self.seed, "align": self.align, "router": self.router}
+        options = {
+            "seed": self.seed,
+            "align": self.align,
+            "router": self.router,
+            "reconstruct": self.reconstruct,
+        }
+        return options | ({"ridge": self.ridge} if self.reconstruct else {})
+
+    def compress(self, layer: MoELayer, stats: LayerStats | None, budget: LayerBudget) -> LayerPlan:
+        """Merge, then (with ``reconstruct``) re-fit each merged expert's down projection by least squares."""
+        plan = self.plan_layer(layer, stats, budget)
+        targets = cluster_targets(layer, plan, stats.inputs, stats.logits) if self.reconstruct else {}
+        apply_layer_plan(layer, plan)
+        for i, target in targets.items():
+            tensors = refit_down_projection(layer, i, stats.inputs, target, self.ridge)
+            plan.experts[i].refit = sorted(tensors)
+            plan.refit_tensors.update({f"{i}.{name}": t.cpu() for name, t in tensors.items()})
+        return plan
 
     @abstractmethod
     def clusters(self, layer: MoELayer, stats: LayerStats, budget: LayerBudget) -> list[list[int]]:

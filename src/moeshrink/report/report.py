@@ -55,7 +55,9 @@ def write_report(
     if summary:
         keys = list(summary[0])
         lines += ["## Perplexity ratio to the unpruned model", ""]
-        lines.append(markdown_table(keys, [[c["model"]] + [f"{c[k]:.3f}" for k in keys[1:]] for c in summary]))
+        lines.append(
+            markdown_table(keys, [[c["model"]] + [f"{c[k]:.3f}" for k in keys[1:]] for c in summary])
+        )
         lines.append("")
         best = min(summary, key=lambda c: c[keys[-1]])
         lines += [f"Lowest ratio ({keys[-1]}): **{best['model']}** ({best[keys[-1]]:.3f}).", ""]

@@ -15,7 +15,9 @@ def _tasks(results: Mapping[str, dict]) -> list[str]:
     return list(first.get("tasks", {}))
 
 
-def comparison_rows(results: Mapping[str, dict], baseline: str | None = None) -> tuple[list[str], list[list[str]]]:
+def comparison_rows(
+    results: Mapping[str, dict], baseline: str | None = None
+) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one row per model; perplexity per domain (with the ratio to ``baseline``),
     task accuracy, experts, parameter bytes, speed."""
     domains, tasks = _domains(results), _tasks(results)
@@ -35,7 +37,10 @@ def comparison_rows(results: Mapping[str, dict], baseline: str | None = None) ->
         for t in tasks:
             row.append(f"{r['tasks'][t]['acc']:.3f}")
         speed = r.get("speed", {})
-        row += [f"{speed.get('prefill_tokens_per_s', float('nan')):.0f}", f"{speed.get('decode_tokens_per_s', float('nan')):.0f}"]
+        row += [
+            f"{speed.get('prefill_tokens_per_s', float('nan')):.0f}",
+            f"{speed.get('decode_tokens_per_s', float('nan')):.0f}",
+        ]
         rows.append(row)
     return header, rows
 
@@ -49,4 +54,6 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+    return "\n".join(
+        [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
+    )

@@ -75,6 +75,21 @@ def apply_layer_plan(layer: MoELayer, plan: LayerPlan) -> None:
         layer.router.out_features = new_count
 
 
+def write_refit(layer: MoELayer, plan: LayerPlan) -> None:
+    """Overwrite the re-fitted tensors of new experts (after :func:`apply_layer_plan`)."""
+    expected = {f"{i}.{name}" for i, e in enumerate(plan.experts) for name in e.refit}
+    if expected != set(plan.refit_tensors):
+        raise MoeShrinkError(
+            f"layer {plan.layer}: the plan re-fits {sorted(expected)} but {sorted(plan.refit_tensors)} were given; "
+            "keep moeshrink_refit.safetensors next to moeshrink_plan.json"
+        )
+    with torch.no_grad():
+        for key, tensor in plan.refit_tensors.items():
+            index, name = key.split(".", 1)
+            param = layer.param(name)
+            param.data[int(index)] = tensor.to(param.device, param.dtype)
+
+
 def set_top_k(layer: MoELayer, top_k: int) -> None:
     """Change the active experts per token. The router copies ``num_experts_per_tok`` when it is built,
     so the config alone does nothing at run time; set it on the modules that hold it."""
@@ -99,6 +114,7 @@ def apply_model_plan(model: nn.Module, adapter: FamilyAdapter, plan: ModelPlan) 
         )
     for lp in plan.layers:
         apply_layer_plan(layers[lp.layer], lp)
+        write_refit(layers[lp.layer], lp)
         set_top_k(layers[lp.layer], plan.top_k)
     adapter.set_num_experts(model.config, counts.pop())
     model.config.num_experts_per_tok = plan.top_k

@@ -13,7 +13,9 @@ DOMAINS = ("wiki", "shakespeare", "pydoc", "bible")
 def testbed_model_dir() -> Path:
     path = DATA / "moeshrink-tiny"
     if not (path / "config.json").is_file():
-        raise MoeShrinkError(f"the testbed model is missing from {path}: rebuild it with `moeshrink testbed train`")
+        raise MoeShrinkError(
+            f"the testbed model is missing from {path}: rebuild it with `moeshrink testbed train`"
+        )
     return path
 
 
