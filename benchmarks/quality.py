@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,19 @@ from moeshrink.methods import METHODS
 from moeshrink.pipeline import prune
 from moeshrink.report.tables import markdown_table
 from moeshrink.testbed.paths import DOMAINS, corpus_dir, testbed_model_dir
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``uncurl:align=none,reconstruct=true`` -> ("uncurl", {"align": "none", "reconstruct": True})."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
 
 
 def forward_floor(model, tokenizer, calib: Path, samples: int, seq_len: int, batch_size: int = 8) -> float:
@@ -44,7 +58,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs/quality"))
     parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        help="methods or variants, e.g. uncurl:align=none,reconstruct=true",
+    )
     parser.add_argument("--keep", type=int, nargs="+", default=[12, 8, 4])
     parser.add_argument("--calib-domains", nargs="+", default=list(DOMAINS))
     parser.add_argument("--samples", type=int, default=64)
@@ -74,6 +93,9 @@ def main() -> None:
             for d in args.calib_domains
         }
         data["settings"] = vars(args) | {"out": str(args.out), "model": str(model_dir)}
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    if command not in data.setdefault("commands", []):
+        data["commands"].append(command)
     for calib_domain in args.calib_domains:
         for keep in args.keep:
             for method in args.methods:
@@ -81,13 +103,15 @@ def main() -> None:
                 if key in data["rows"]:
                     continue
                 print(f"[quality] {key}", flush=True)
+                name, options = parse_variant(method)
                 result = prune(
                     model_dir,
-                    method,
+                    name,
                     keep=keep,
                     calib=corpus_dir() / calib_domain / "calib.jsonl",
                     samples=args.samples,
                     seq_len=args.seq_len,
+                    method_options=options,
                     progress=False,
                 )
                 row = evaluate_model(result.model, result.tokenizer, **evaluate)
