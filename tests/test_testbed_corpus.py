@@ -6,20 +6,20 @@ import json
 
 import pytest
 
+from moeshrink.testbed import paths
 from moeshrink.testbed.corpus import (
     DOMAINS,
     EVAL_SPLITS,
     Document,
     chunk_paragraphs,
     normalize_text,
-    packaged_corpus_dir,
     sha256_file,
     split_documents,
 )
-from moeshrink.testbed.tokenizer import EOS_TOKEN, packaged_tokenizer_dir
+from moeshrink.testbed.tokenizer import EOS_TOKEN
 
-CORPUS = packaged_corpus_dir()
-TOKENIZER = packaged_tokenizer_dir()
+CORPUS = paths.corpus_dir()
+TOKENIZER = paths.tokenizer_dir()
 
 
 def _load(domain: str, split: str) -> list[dict]:

@@ -136,9 +136,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from moeshrink.report.tables import comparison_rows, text_table
 
     if args.tasks:
-        from moeshrink.evaluate.tasks import check_task_names
+        from moeshrink.evaluate.tasks import resolve_tasks
 
-        check_task_names(args.tasks)
+        resolve_tasks(args.tasks)  # unknown names fail here, before any model is loaded
     results = {}
     for path in args.models:
         loaded = load_model(path, args.dtype, device=args.device)

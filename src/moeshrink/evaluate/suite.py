@@ -10,10 +10,7 @@ from torch import nn
 from moeshrink.arch import get_adapter
 from moeshrink.evaluate.perplexity import evaluate_domains, held_out_files
 from moeshrink.evaluate.speed import measure_speed, parameter_bytes
-
-
-def packaged_corpus_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "testbed" / "data" / "corpus"
+from moeshrink.testbed import paths
 
 
 def evaluate_model(
@@ -32,7 +29,7 @@ def evaluate_model(
     batch_size: int = 8,
 ) -> dict:
     """Everything ``moeshrink eval`` reports about ``model``, as plain JSON-able data."""
-    data_dir = data_dir or packaged_corpus_dir()
+    data_dir = data_dir or paths.corpus_dir()
     adapter = get_adapter(model.config) if usage else None
     files = held_out_files(data_dir, domains)
     result: dict = {

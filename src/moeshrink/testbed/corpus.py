@@ -582,11 +582,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def packaged_corpus_dir() -> Path:
-    """The calib/test splits shipped inside the package (``moeshrink/testbed/data/corpus``)."""
-    return Path(__file__).resolve().parent / "data" / "corpus"
-
-
 # --------------------------------------------------------------------------------------------
 # Build
 # --------------------------------------------------------------------------------------------

@@ -25,3 +25,7 @@ def corpus_dir() -> Path:
 
 def tasks_dir() -> Path:
     return DATA / "tasks"
+
+
+def tokenizer_dir() -> Path:
+    return DATA / "tokenizer"

@@ -24,11 +24,6 @@ DEFAULT_VOCAB_SIZE = 8192
 DEFAULT_CHARS_PER_FILE = 3_000_000
 
 
-def packaged_tokenizer_dir() -> Path:
-    """The tokenizer shipped inside the package (``moeshrink/testbed/data/tokenizer``)."""
-    return Path(__file__).resolve().parent / "data" / "tokenizer"
-
-
 def sample_texts(path: Path, *, max_chars: int, seed: int = 0) -> list[str]:
     """Return a seeded random sample of the documents of a JSONL file, about ``max_chars`` in all.
 

@@ -23,9 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig
 
 from moeshrink.calib.data import read_documents, tokenize_documents
-from moeshrink.testbed.tokenizer import packaged_tokenizer_dir
-
-DOMAINS = ("wiki", "shakespeare", "pydoc", "bible")
+from moeshrink.testbed import paths
+from moeshrink.testbed.paths import DOMAINS
 
 
 @dataclass
@@ -101,7 +100,7 @@ def domain_losses(
 
 def train(corpus: Path, out_dir: Path, settings: TrainSettings, log_every: int = 50) -> dict:
     torch.manual_seed(settings.seed)
-    tokenizer = AutoTokenizer.from_pretrained(packaged_tokenizer_dir())
+    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer_dir())
     train_streams = domain_streams(corpus, tokenizer, "train")
     test_streams = domain_streams(corpus, tokenizer, "test")
     config = testbed_config(settings, len(tokenizer), tokenizer.eos_token_id)
