@@ -16,11 +16,17 @@ from moeshrink.io.checkpoint import load_model
 from moeshrink.io.export import atomic_directory
 from moeshrink.methods import METHODS
 from moeshrink.pipeline import prune
+from moeshrink.plan import LayerPlan
 from moeshrink.testbed.paths import DOMAINS, corpus_dir, testbed_model_dir
 
 
 def local_task_names(domains: Sequence[str]) -> list[str]:
-    return [f"moeshrink_{d}" for d in domains]
+    return [f"moeshrink_{d}" for d in sorted(domains)]
+
+
+def describe_layer(plan: LayerPlan) -> str:
+    """``0 2+7 5 ...``: the old experts behind each new one (``+`` joins merged experts)."""
+    return " ".join("+".join(str(s) for s in e.sources) for e in plan.experts)
 
 
 def run_demo(
@@ -71,7 +77,7 @@ def run_demo(
             results[method] = evaluate_model(run.model, run.tokenizer, **evaluate)
             details[method] = {
                 "prune seconds": f"{prune_seconds:.1f}",
-                "kept experts (layer 0)": run.plan.layers[0].kept,
+                f"experts of layer {run.plan.layers[0].layer} (old indices)": describe_layer(run.plan.layers[0]),
             }
         intro = (
             f"Testbed `{model.name}`, calibrated on **{calib_domain}** ({samples} x {seq_len} tokens from "

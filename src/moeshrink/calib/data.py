@@ -99,7 +99,8 @@ def tokenize_documents(tokenizer, docs: Sequence[str]) -> torch.Tensor:
     """One stream of token ids: each document followed by the end-of-text token (when there is one)."""
     ids: list[int] = []
     eos = tokenizer.eos_token_id
-    for encoded in tokenizer(list(docs), add_special_tokens=False)["input_ids"]:
+    # verbose=False: whole documents are longer than model_max_length on purpose; they are cut later.
+    for encoded in tokenizer(list(docs), add_special_tokens=False, verbose=False)["input_ids"]:
         ids.extend(encoded)
         if eos is not None:
             ids.append(eos)

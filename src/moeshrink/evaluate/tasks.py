@@ -481,6 +481,7 @@ def _lm_eval_session(progress: bool) -> Iterator[None]:
     import huggingface_hub.constants
     import lm_eval.api.model
     import lm_eval.api.task
+    import lm_eval.evaluator
     import lm_eval.models.huggingface
     from tqdm import tqdm
 
@@ -496,6 +497,10 @@ def _lm_eval_session(progress: bool) -> Iterator[None]:
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    # lm-eval records the git hash of the working directory by running git, which prints
+    # "fatal: not a git repository" outside a checkout; that hash says nothing about these results.
+    saved_git_hash = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
     bars_were_on = datasets.utils.logging.is_progress_bar_enabled()
     modules = (lm_eval.api.task, lm_eval.api.model, lm_eval.models.huggingface)
     saved_tqdm = [m.tqdm for m in modules]
@@ -517,6 +522,7 @@ def _lm_eval_session(progress: bool) -> Iterator[None]:
             lg.setLevel(level)
         for m, saved in zip(modules, saved_tqdm, strict=True):
             m.tqdm = saved
+        lm_eval.evaluator.get_git_commit_hash = saved_git_hash
         if bars_were_on:
             datasets.utils.logging.enable_progress_bar()
 

@@ -1,0 +1,72 @@
+"""The demo and ``moeshrink eval`` end to end, on a tiny model that speaks the testbed tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moeshrink.cli import main
+from moeshrink.demo import run_demo
+from moeshrink.testbed import paths
+from moeshrink.testbed.tiny import randomize_routers, tiny_config
+
+
+@pytest.fixture(scope="module")
+def testbed_like(tmp_path_factory):
+    """A random 16-expert Mixtral with the testbed's 8k vocabulary and tokenizer."""
+    out = tmp_path_factory.mktemp("tb") / "tiny-testbed"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("mixtral", vocab_size=8192, num_local_experts=16))
+    randomize_routers(model, "mixtral")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(paths.tokenizer_dir()).save_pretrained(out)
+    return out
+
+
+def test_demo_writes_report_plots_and_loadable_models(testbed_like, tmp_path):
+    out = tmp_path / "demo"
+    report = run_demo(
+        out,
+        model=testbed_like,
+        methods=["frequency", "uncurl"],
+        task_limit=4,
+        eval_tokens=512,
+        samples=8,
+        progress=False,
+    )
+    assert report == out / "report.md"
+    text = report.read_text()
+    assert "| frequency | 8 | 2 |" in text and "| uncurl | 8 | 2 |" in text and "acc moeshrink_wiki" in text
+    data = json.loads((out / "report.json").read_text())
+    assert set(data["results"]) == {"unpruned", "frequency", "uncurl"}
+    usage = data["results"]["unpruned"]["domains"]["wiki"]["expert_usage"]
+    assert len(usage) == 3 and all(sum(row) == pytest.approx(2.0) for row in usage)
+    for name in ("perplexity.png", "expert_usage.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    model = AutoModelForCausalLM.from_pretrained(out / "models" / "uncurl")
+    assert model.config.num_local_experts == 8
+
+
+def test_eval_compares_models_side_by_side(testbed_like, tmp_path, capsys):
+    argv = ["eval", str(testbed_like), str(testbed_like), "--tasks", "moeshrink_bible", "--task-limit", "4"]
+    argv += ["--max-tokens", "512", "--no-speed", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ppl wiki" in printed and "acc moeshrink_bible" in printed
+    results = json.loads((tmp_path / "r.json").read_text())
+    acc = next(iter(results.values()))["tasks"]["moeshrink_bible"]["acc"]
+    assert 0.0 <= acc <= 1.0
+
+
+def test_eval_rejects_unknown_task_before_loading(testbed_like, capsys):
+    assert main(["eval", str(testbed_like), "--tasks", "no_such_task_zz9"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_task_zz9" in err and "moeshrink_wiki" in err
+
+
+def test_eval_rejects_missing_data(testbed_like, tmp_path, capsys):
+    assert main(["eval", str(testbed_like), "--data", str(tmp_path / "nowhere"), "--no-speed"]) == 2
+    assert "evaluation data directory not found" in capsys.readouterr().err
