@@ -70,3 +70,12 @@ def test_eval_rejects_unknown_task_before_loading(testbed_like, capsys):
 def test_eval_rejects_missing_data(testbed_like, tmp_path, capsys):
     assert main(["eval", str(testbed_like), "--data", str(tmp_path / "nowhere"), "--no-speed"]) == 2
     assert "evaluation data directory not found" in capsys.readouterr().err
+
+
+def test_domain_expert_information_bounds():
+    from moeshrink.report.report import domain_expert_information
+
+    separate = {"a": [[1.0, 1.0, 0.0, 0.0]], "b": [[0.0, 0.0, 1.0, 1.0]]}
+    shared = {"a": [[0.5, 0.5, 0.5, 0.5]], "b": [[0.5, 0.5, 0.5, 0.5]]}
+    assert domain_expert_information(separate) == pytest.approx([1.0])
+    assert domain_expert_information(shared) == pytest.approx([0.0])

@@ -11,6 +11,25 @@ from moeshrink.report.plots import perplexity_bars, usage_heatmaps
 from moeshrink.report.tables import comparison_rows, markdown_table
 
 
+def domain_expert_information(usage: Mapping[str, list[list[float]]]) -> list[float]:
+    """Per layer, the mutual information in bits between the domain (uniform over domains) and the
+    chosen expert: 0 when every domain uses the experts alike, log2(#domains) when each domain has
+    experts of its own. A measure of how much the experts specialise by domain."""
+    domains = list(usage)
+    info = []
+    for layer in range(len(usage[domains[0]])):
+        p = [[max(x, 0.0) for x in usage[d][layer]] for d in domains]
+        p = [[x / sum(row) for x in row] for row in p]  # p(expert | domain)
+        marginal = [sum(row[e] for row in p) / len(p) for e in range(len(p[0]))]
+        info.append(
+            sum(
+                row[e] * math.log2(row[e] / marginal[e]) for row in p for e in range(len(row)) if row[e] > 0
+            )
+            / len(p)
+        )
+    return info
+
+
 def _geomean_ratio(result: dict, base: dict, domains: list[str]) -> float:
     logs = [math.log(result["domains"][d]["perplexity"] / base["domains"][d]["perplexity"]) for d in domains]
     return math.exp(sum(logs) / len(logs))
@@ -67,6 +86,10 @@ def write_report(
             f"## Expert usage of {baseline}",
             "",
             "Fraction of tokens routed to each expert, per layer and held-out domain (rows sum to top-k).",
+            "Mutual information between domain and chosen expert, per layer (bits; 0 = no specialisation, "
+            f"{math.log2(len(usage)):.0f} = an expert set per domain): "
+            + ", ".join(f"{x:.2f}" for x in domain_expert_information(usage))
+            + ".",
             "",
             "![expert usage](expert_usage.png)",
             "",
