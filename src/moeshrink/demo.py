@@ -77,7 +77,9 @@ def run_demo(
             results[method] = evaluate_model(run.model, run.tokenizer, **evaluate)
             details[method] = {
                 "prune seconds": f"{prune_seconds:.1f}",
-                f"experts of layer {run.plan.layers[0].layer} (old indices)": describe_layer(run.plan.layers[0]),
+                f"experts of layer {run.plan.layers[0].layer} (old indices)": describe_layer(
+                    run.plan.layers[0]
+                ),
             }
         intro = (
             f"Testbed `{model.name}`, calibrated on **{calib_domain}** ({samples} x {seq_len} tokens from "

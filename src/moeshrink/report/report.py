@@ -22,9 +22,7 @@ def domain_expert_information(usage: Mapping[str, list[list[float]]]) -> list[fl
         p = [[x / sum(row) for x in row] for row in p]  # p(expert | domain)
         marginal = [sum(row[e] for row in p) / len(p) for e in range(len(p[0]))]
         info.append(
-            sum(
-                row[e] * math.log2(row[e] / marginal[e]) for row in p for e in range(len(row)) if row[e] > 0
-            )
+            sum(row[e] * math.log2(row[e] / marginal[e]) for row in p for e in range(len(row)) if row[e] > 0)
             / len(p)
         )
     return info
