@@ -62,71 +62,50 @@ def test_bad_recipe_names_the_field(tmp_path, capsys):
     assert "stepz" in capsys.readouterr().err
 
 
-def test_apply_reproduces_a_plan(checkpoints, calib_file, tmp_path):
+@pytest.fixture
+def random_plan(checkpoints, tmp_path):
+    """A mixtral checkpoint pruned at random to 4 experts by the CLI; returns its output directory."""
     first = tmp_path / "first"
-    assert (
-        main(
-            [
-                "prune",
-                str(checkpoints["mixtral"]),
-                "--method",
-                "random",
-                "--keep",
-                "4",
-                "-o",
-                str(first),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "apply",
-                str(checkpoints["mixtral"]),
-                "--plan",
-                str(first / PLAN_FILENAME),
-                "-o",
-                str(tmp_path / "b"),
-            ]
-        )
-        == 0
-    )
-    assert (tmp_path / "b" / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
+    argv = [
+        "prune",
+        str(checkpoints["mixtral"]),
+        "--method",
+        "random",
+        "--keep",
+        "4",
+        "-o",
+        str(first),
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    return first
 
 
-def test_apply_refuses_another_checkpoint(checkpoints, tmp_path, capsys):
-    first = tmp_path / "first"
-    assert (
-        main(
-            [
-                "prune",
-                str(checkpoints["mixtral"]),
-                "--method",
-                "random",
-                "--keep",
-                "4",
-                "-o",
-                str(first),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "apply",
-                str(checkpoints["qwen3_moe"]),
-                "--plan",
-                str(first / PLAN_FILENAME),
-                "-o",
-                str(tmp_path / "x"),
-            ]
-        )
-        == 2
-    )
+def test_apply_reproduces_a_plan(checkpoints, random_plan, tmp_path):
+    argv = [
+        "apply",
+        str(checkpoints["mixtral"]),
+        "--plan",
+        str(random_plan / PLAN_FILENAME),
+        "-o",
+        str(tmp_path / "b"),
+    ]
+    assert main(argv) == 0
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == (
+        random_plan / "model.safetensors"
+    ).read_bytes()
+
+
+def test_apply_refuses_another_checkpoint(checkpoints, random_plan, tmp_path, capsys):
+    argv = [
+        "apply",
+        str(checkpoints["qwen3_moe"]),
+        "--plan",
+        str(random_plan / PLAN_FILENAME),
+        "-o",
+        str(tmp_path / "x"),
+    ]
+    assert main(argv) == 2
     assert "not the checkpoint this plan was made from" in capsys.readouterr().err
 
 

@@ -29,7 +29,7 @@ from moeshrink.io.export import check_output_dir, export_checkpoint, load_plan
 from moeshrink.methods import LayerBudget, get_method
 from moeshrink.plan import ModelPlan
 from moeshrink.report.model_card import model_card
-from moeshrink.surgery import apply_model_plan
+from moeshrink.surgery import apply_model_plan, update_config
 
 
 @dataclass
@@ -149,8 +149,7 @@ def prune(
         error_propagation=error_propagation,
         progress=progress,
     )
-    adapter.set_num_experts(loaded.model.config, keep)
-    loaded.model.config.num_experts_per_tok = top_k
+    update_config(loaded.model, adapter, keep, top_k)
     timings["compress"] = time.perf_counter() - t
 
     plan = ModelPlan(

@@ -58,6 +58,18 @@ def write_report(
         "multiple-choice accuracy (4 choices, chance 0.25).",
         "",
     ]
+    below = [
+        f"{t} ({v['acc']:.3f} ± {v.get('acc_stderr', 0):.3f})"
+        for t, v in base.get("tasks", {}).items()
+        if v["acc"] + 2 * v.get("acc_stderr", 0) < 0.25
+    ]
+    if below:
+        lines += [
+            f"Below chance for {baseline} itself, so not a measure of quality here: {', '.join(below)}. "
+            "Its distractors share context words with the passage, which a weak model that copies from "
+            "its context prefers; read it as a probe of that bias.",
+            "",
+        ]
     others = [d for d in domains if d != calib_domain]
     summary = []
     for name, r in results.items():

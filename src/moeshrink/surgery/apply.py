@@ -116,5 +116,10 @@ def apply_model_plan(model: nn.Module, adapter: FamilyAdapter, plan: ModelPlan) 
         apply_layer_plan(layers[lp.layer], lp)
         write_refit(layers[lp.layer], lp)
         set_top_k(layers[lp.layer], plan.top_k)
-    adapter.set_num_experts(model.config, counts.pop())
-    model.config.num_experts_per_tok = plan.top_k
+    update_config(model, adapter, counts.pop(), plan.top_k)
+
+
+def update_config(model: nn.Module, adapter: FamilyAdapter, num_experts: int, top_k: int) -> None:
+    """Rewrite every expert-count alias and ``num_experts_per_tok`` in the model's config."""
+    adapter.set_num_experts(model.config, num_experts)
+    model.config.num_experts_per_tok = top_k

@@ -31,6 +31,20 @@ COMMON: dict[str, Any] = dict(
     pad_token_id=0,
 )
 
+# DeepSeek: 8 routed experts in 2 groups, one leading dense layer, a shared expert, small MLA attention.
+_DEEPSEEK: dict[str, Any] = dict(
+    n_routed_experts=8,
+    n_group=2,
+    first_k_dense_replace=1,
+    moe_intermediate_size=48,
+    n_shared_experts=1,
+    q_lora_rank=None,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+)
+
 FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "mixtral": dict(num_local_experts=8),
     "qwen2_moe": dict(
@@ -39,35 +53,9 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(num_experts=8, moe_intermediate_size=48, norm_topk_prob=True, head_dim=16),
     "olmoe": dict(num_experts=8, norm_topk_prob=False),
     "deepseek_v2": dict(
-        n_routed_experts=8,
-        n_group=2,
-        topk_group=1,
-        topk_method="group_limited_greedy",
-        first_k_dense_replace=1,
-        moe_intermediate_size=48,
-        n_shared_experts=1,
-        q_lora_rank=None,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=16,
-        routed_scaling_factor=1.0,
+        **_DEEPSEEK, topk_group=1, topk_method="group_limited_greedy", routed_scaling_factor=1.0
     ),
-    "deepseek_v3": dict(
-        n_routed_experts=8,
-        n_group=2,
-        topk_group=2,
-        first_k_dense_replace=1,
-        moe_intermediate_size=48,
-        n_shared_experts=1,
-        q_lora_rank=None,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=16,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
-    ),
+    "deepseek_v3": dict(**_DEEPSEEK, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True),
     "phimoe": dict(num_local_experts=8),
     "granitemoe": dict(num_local_experts=8),
     "gpt_oss": dict(num_local_experts=8, head_dim=16, sliding_window=8, layer_types=None),
