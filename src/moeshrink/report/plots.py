@@ -36,15 +36,25 @@ def perplexity_bars(results: Mapping[str, dict], path: Path, title: str = "Held-
 def usage_heatmaps(usage: Mapping[str, list[list[float]]], path: Path, title: str = "Expert usage") -> Path:
     """One heat map per domain: rows = MoE layers, columns = experts, colour = fraction of tokens routed."""
     domains = list(usage)
-    fig, axes = plt.subplots(1, len(domains), figsize=(3.2 * len(domains), 2.8), squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(domains),
+        figsize=(3.4 * len(domains) + 1, 3.2),
+        squeeze=False,
+        layout="constrained",
+        sharey=True,
+    )
     vmax = max(max(max(row) for row in u) for u in usage.values())
     for ax, d in zip(axes[0], domains, strict=True):
-        image = ax.imshow(np.array(usage[d]), aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+        grid = np.array(usage[d])
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_yticks(range(grid.shape[0]))
+        ax.set_xticks(range(0, grid.shape[1], max(1, grid.shape[1] // 8)))
         ax.set_title(d)
         ax.set_xlabel("expert")
-        ax.set_ylabel("layer")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="fraction of tokens")
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label="fraction of tokens")
     fig.suptitle(title)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
