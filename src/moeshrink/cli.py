@@ -13,7 +13,7 @@ from moeshrink.errors import MoeShrinkError
 def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="checkpoint directory (or give it in the recipe)")
     p.add_argument("--recipe", help="YAML recipe; options given here override it")
-    p.add_argument("--method", help="expert-level method (random, frequency, soft_activation, ean, reap)")
+    p.add_argument("--method", help="expert-level method (see README; 'none' keeps every expert)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=int, help="experts kept per MoE layer")
     budget.add_argument("--ratio", type=float, help="fraction of experts removed per layer")
@@ -41,6 +41,13 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)"
     )
+    p.add_argument(
+        "--sparsity", type=float, help="also zero this fraction of weights inside the routed experts"
+    )
+    p.add_argument(
+        "--sparsity-method", choices=["wanda", "magnitude"], help="how weights are scored (default wanda)"
+    )
+    p.add_argument("--nm", help="N:M sparsity inside the experts instead, e.g. 2:4")
     p.add_argument(
         "--overwrite", action="store_const", const=True, help="replace an existing output directory"
     )
@@ -90,6 +97,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         f"top-k {b.top_k} -> {a.top_k}, parameters {b.parameters:,} -> {a.parameters:,} "
         f"({a.parameters / b.parameters:.1%}) in {result.seconds['total']:.1f}s"
     )
+    if result.sparsity is not None:
+        print(result.sparsity.to_text())
     if result.output:
         print(f"wrote {result.output}")
     return 0

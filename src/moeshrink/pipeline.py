@@ -29,6 +29,8 @@ from moeshrink.io.export import check_output_dir, export_checkpoint, load_plan
 from moeshrink.methods import LayerBudget, get_method
 from moeshrink.plan import ModelPlan
 from moeshrink.report.model_card import model_card
+from moeshrink.sparsity.accounting import SparsityReport, count_sparsity
+from moeshrink.sparsity.apply import SparsitySpec, sparsify_layer
 from moeshrink.surgery import apply_model_plan, update_config
 
 
@@ -43,6 +45,7 @@ class PruneResult:
     after: ModelInfo
     output: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    sparsity: SparsityReport | None = None
 
 
 def resolve_keep(num_experts: int, keep: int | None, ratio: float | None) -> int:
@@ -97,13 +100,18 @@ def prune(
     error_propagation: bool = True,
     calib_field: str = "text",
     method_options: dict[str, Any] | None = None,
+    sparsity: float | None = None,
+    sparsity_method: str = "wanda",
+    nm: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> PruneResult:
     """Prune the experts of the checkpoint at ``model`` with ``method`` and (if ``output``) export it.
 
     Every input is checked before the weights are loaded: the family, the budget, the method, the
-    calibration text and the output directory.
+    calibration text and the output directory. ``sparsity`` (a fraction) or ``nm`` ("2:4") also zeroes
+    weights inside the surviving experts (Wanda by default, magnitude with ``sparsity_method``).
+    Method ``none`` keeps every expert (to only sparsify, or only lower ``top_k``).
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -112,15 +120,24 @@ def prune(
     path = resolve_checkpoint(model)
     config, adapter = load_config(path)
     num_experts = adapter.num_experts(config)
-    keep = resolve_keep(num_experts, keep, ratio)
-    top_k = int(top_k or config.num_experts_per_tok)
-    adapter.check_budget(config, keep, top_k)
     expert_method = get_method(method, seed=seed, **(method_options or {}))
+    top_k = int(top_k or config.num_experts_per_tok)
+    if expert_method.name == "none":
+        if keep is not None or ratio is not None:
+            raise MoeShrinkError("method 'none' keeps every expert: drop --keep / --ratio")
+        keep = num_experts
+        adapter.check_top_k(config, top_k, keep)
+    else:
+        keep = resolve_keep(num_experts, keep, ratio)
+        adapter.check_budget(config, keep, top_k)
+    sparsify = SparsitySpec.parse(sparsity, sparsity_method, nm)
+    if expert_method.name == "none" and sparsify is None and top_k == int(config.num_experts_per_tok):
+        raise MoeShrinkError("method 'none' with no --sparsity, --nm or --top-k change would change nothing")
     device = _device(device)
 
     calibration = None
     tokenizer = load_tokenizer(path)
-    if expert_method.needs:
+    if expert_method.needs or (sparsify and sparsify.needs):
         if not calib:
             raise MoeShrinkError(f"method '{expert_method.name}' needs calibration text: pass --calib FILE")
         if tokenizer is None:
@@ -148,6 +165,8 @@ def prune(
         batch_size=batch_size,
         error_propagation=error_propagation,
         progress=progress,
+        sparsify_layer=(lambda layer, stats: sparsify_layer(layer, stats, sparsify)) if sparsify else None,
+        sparsify_needs=sparsify.needs if sparsify else frozenset(),
     )
     update_config(loaded.model, adapter, keep, top_k)
     timings["compress"] = time.perf_counter() - t
@@ -159,11 +178,14 @@ def prune(
         top_k=top_k,
         source=_source(path, adapter, num_experts, config.num_experts_per_tok),
         calibration=calibration.info | {"error_propagation": error_propagation} if calibration else None,
+        sparsity=sparsify.to_dict() | {"scope": "routed experts"} if sparsify else None,
         versions=versions(),
         layers=layer_plans,
     )
     after = describe_model(loaded.model, adapter)
     result = PruneResult(plan=plan, model=loaded.model, tokenizer=tokenizer, before=before, after=after)
+    if sparsify:
+        result.sparsity = count_sparsity(loaded.model)
     if output is not None:
         t = time.perf_counter()
         result.output = _export(result, adapter, path, output, overwrite)
@@ -186,7 +208,7 @@ def _source(path: Path, adapter: FamilyAdapter, num_experts: int, top_k: int) ->
 def _export(
     result: PruneResult, adapter: FamilyAdapter, source: Path, output: str | Path, overwrite: bool
 ) -> Path:
-    card = model_card(result.plan, result.before, result.after, Path(output).name)
+    card = model_card(result.plan, result.before, result.after, Path(output).name, result.sparsity)
     return export_checkpoint(
         result.model,
         adapter,
@@ -212,6 +234,11 @@ def apply_plan(
         check_output_dir(output, overwrite)
     path = resolve_checkpoint(model)
     plan = plan if isinstance(plan, ModelPlan) else load_plan(plan)
+    if plan.sparsity:
+        raise MoeShrinkError(
+            "this plan zeroed weights inside experts with masks computed from calibration data, which the plan "
+            "does not store: rerun moeshrink prune with the same recipe to reproduce it"
+        )
     fingerprint = plan.source.get("fingerprint")
     if fingerprint and fingerprint != checkpoint_fingerprint(path):
         raise MoeShrinkError(

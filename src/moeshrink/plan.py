@@ -63,6 +63,7 @@ class LayerPlan(BaseModel):
     num_experts_before: int
     experts: list[NewExpert]
     scores: list[float] | None = None
+    sparsity: dict[str, Any] | None = None
     _refit_tensors: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
 
     @property
@@ -109,6 +110,7 @@ class ModelPlan(BaseModel):
     top_k: int
     source: dict[str, Any] = Field(default_factory=dict)
     calibration: dict[str, Any] | None = None
+    sparsity: dict[str, Any] | None = None
     versions: dict[str, str] = Field(default_factory=dict)
     layers: list[LayerPlan]
 

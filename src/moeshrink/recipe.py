@@ -11,8 +11,9 @@ steps:
   - top_k: 1
 ```
 
-Step kinds: ``experts`` (an expert-level method and its budget; at most one) and ``top_k`` (the
-active experts per token after compression). Top-level ``method``/``keep``/``ratio``/``top_k`` are
+Step kinds: ``experts`` (an expert-level method and its budget; at most one), ``top_k`` (the
+active experts per token after compression) and ``sparsify`` (``sparsity`` or ``nm`` inside the
+surviving experts, ``method`` wanda or magnitude). Top-level ``method``/``keep``/``ratio``/``top_k`` are
 a shorthand for the same steps.
 """
 
@@ -35,17 +36,25 @@ class ExpertStep(BaseModel):
     options: dict[str, Any] = {}
 
 
+class SparsifyStep(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sparsity: float | None = None
+    method: str = "wanda"
+    nm: str | None = None
+
+
 class Step(BaseModel):
     """One step: exactly one of its fields is set."""
 
     model_config = ConfigDict(extra="forbid")
     experts: ExpertStep | None = None
     top_k: int | None = None
+    sparsify: SparsifyStep | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Step:
-        if sum(v is not None for v in (self.experts, self.top_k)) != 1:
-            raise ValueError("each step has exactly one kind: 'experts' or 'top_k'")
+        if sum(v is not None for v in (self.experts, self.top_k, self.sparsify)) != 1:
+            raise ValueError("each step has exactly one kind: 'experts', 'top_k' or 'sparsify'")
         return self
 
 
@@ -67,6 +76,9 @@ class Recipe(BaseModel):
     dtype: str = "auto"
     batch_size: int = 8
     error_propagation: bool = True
+    sparsity: float | None = None
+    sparsity_method: str = "wanda"
+    nm: str | None = None
     overwrite: bool = False
     steps: list[Step] = []
 
@@ -88,6 +100,12 @@ class Recipe(BaseModel):
         for s in self.steps:
             if s.top_k is not None:
                 self.top_k = s.top_k
+            if s.sparsify is not None:
+                self.sparsity, self.sparsity_method, self.nm = (
+                    s.sparsify.sparsity,
+                    s.sparsify.method,
+                    s.sparsify.nm,
+                )
         self.steps = []
         return self
 

@@ -76,10 +76,14 @@ class FamilyAdapter:
             raise MoeShrinkError(
                 f"keeping {keep} of {total} experts removes nothing: ask for fewer than {total} (--keep or --ratio)"
             )
-        if keep < top_k:
+        self.check_top_k(config, top_k, keep)
+
+    def check_top_k(self, config, top_k: int, experts: int) -> None:
+        """Raise a one-line error when ``top_k`` active experts out of ``experts`` cannot work."""
+        if experts < top_k:
             raise MoeShrinkError(
-                f"keeping {keep} experts is fewer than the {top_k} each token uses (top-k): keep at least {top_k}, "
-                f"or lower the active experts with --top-k"
+                f"keeping {experts} experts is fewer than the {top_k} each token uses (top-k): keep at least "
+                f"{top_k}, or lower the active experts with --top-k"
             )
         if self.fixed_top_k is not None and top_k != self.fixed_top_k:
             raise MoeShrinkError(

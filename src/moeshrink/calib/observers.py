@@ -18,10 +18,14 @@ LOGITS = "logits"  # a sample of router logits [T, E]
 COACTIVATION = "coactivation"  # how often experts i and j are chosen for the same token [E, E]
 EXPERT_NORMS = "expert_norms"  # sum of ||E_j(x)|| and g_j(x)*||E_j(x)|| over tokens routed to j [E]
 INPUTS = "inputs"  # a sample of the MoE layer's input hidden states [T, H], the same tokens as LOGITS
-MEAN_OUTPUTS = (
-    "mean_outputs"  # sum over all tokens of every expert's output E_j(x) [E, H] (E x the MoE FLOPs)
+# sum over all tokens of every expert's output E_j(x) [E, H] (E x the MoE FLOPs)
+MEAN_OUTPUTS = "mean_outputs"
+# Wanda: sum over the tokens routed to expert j of x^2 per input column, for the gate/up input [E, H]
+# and for the down projection's input (the intermediate activation) [E, I]
+INPUT_NORMS = "input_norms"
+STATISTICS = frozenset(
+    {COUNTS, SOFT_MASS, LOGITS, COACTIVATION, EXPERT_NORMS, INPUTS, MEAN_OUTPUTS, INPUT_NORMS}
 )
-STATISTICS = frozenset({COUNTS, SOFT_MASS, LOGITS, COACTIVATION, EXPERT_NORMS, INPUTS, MEAN_OUTPUTS})
 
 
 @dataclass
@@ -38,6 +42,8 @@ class LayerStats:
     gated_norm_sum: torch.Tensor | None = None
     inputs: torch.Tensor | None = None
     output_sum: torch.Tensor | None = None
+    input_sq: torch.Tensor | None = None
+    intermediate_sq: torch.Tensor | None = None
     _logit_parts: list[torch.Tensor] = field(default_factory=list, repr=False)
     _input_parts: list[torch.Tensor] = field(default_factory=list, repr=False)
 
@@ -74,7 +80,7 @@ class LayerObserver:
 
     def __enter__(self) -> LayerObserver:
         self._handles.append(self.layer.router.register_forward_hook(self._on_router))
-        if EXPERT_NORMS in self.needs:
+        if EXPERT_NORMS in self.needs or INPUT_NORMS in self.needs:
             self._handles.append(self.layer.experts.register_forward_hook(self._on_experts))
         return self
 
@@ -123,7 +129,25 @@ class LayerObserver:
 
     @torch.no_grad()
     def _on_experts(self, module, args, output) -> None:
-        hidden, index, weights = args[:3]
+        if INPUT_NORMS in self.needs:
+            self._input_norms(*args[:2])
+        if EXPERT_NORMS in self.needs:
+            self._expert_norms(*args[:3])
+
+    def _input_norms(self, hidden: torch.Tensor, index: torch.Tensor) -> None:
+        s, n = self.stats, self.layer.num_experts
+        if s.input_sq is None:
+            s.input_sq = torch.zeros(n, hidden.shape[-1], dtype=torch.float64, device=hidden.device)
+            s.intermediate_sq = torch.zeros(
+                n, self.layer.intermediate_size, dtype=torch.float64, device=hidden.device
+            )
+        for j in index.unique().tolist():
+            rows = (index == j).any(dim=-1)
+            x = hidden[rows]
+            s.input_sq[j] += x.double().pow(2).sum(0)
+            s.intermediate_sq[j] += self.layer.intermediate(x, j).double().pow(2).sum(0)
+
+    def _expert_norms(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
         k = index.shape[-1]
         pairs_hidden = hidden.repeat_interleave(k, dim=0)
         flat_index = index.reshape(-1)

@@ -95,6 +95,8 @@ def run_layer(decoder_layer: nn.Module, hidden: list[torch.Tensor], kwargs: list
 
 # Plans one MoE layer from its statistics and applies the plan to it; returns the plan.
 CompressLayer = Callable[[MoELayer, "LayerStats | None"], LayerPlan]
+# Zeroes weights inside the (compressed) layer's experts from fresh statistics; returns what it did.
+SparsifyLayer = Callable[[MoELayer, "LayerStats | None"], dict]
 
 
 @torch.no_grad()
@@ -110,19 +112,24 @@ def compress_layerwise(
     batch_size: int = 8,
     error_propagation: bool = True,
     progress: bool = True,
+    sparsify_layer: SparsifyLayer | None = None,
+    sparsify_needs: frozenset[str] = frozenset(),
 ) -> list[LayerPlan]:
-    """Compress every MoE layer in order with ``compress_layer``; returns the layer plans.
+    """Compress every MoE layer in order with ``compress_layer``, then (optionally) sparsify inside
+    its experts with statistics of the compressed layer; returns the layer plans.
 
-    With no statistics needed (``needs`` empty) no forward pass is made at all.
+    With no statistics needed at all no forward pass is made.
     """
     device = torch.device(device)
     layers = adapter.decoder_layers(model)
     moe_by_index = {m.index: m for m in adapter.moe_layers(model)}
     plans: list[LayerPlan] = []
-    if not needs or input_ids is None:
+    if (not needs and not sparsify_needs) or input_ids is None:
         for moe in moe_by_index.values():
             plans.append(compress_layer(moe, None))
             set_top_k(moe, top_k)
+            if sparsify_layer is not None:
+                plans[-1].sparsity = sparsify_layer(moe, None)
         return plans
 
     home = next(model.parameters()).device
@@ -143,6 +150,11 @@ def compress_layerwise(
                 outputs = run_layer(decoder_layer, hidden, kwargs)
             plans.append(compress_layer(moe, observer.stats))
             set_top_k(moe, top_k)
+            if sparsify_layer is not None:
+                with LayerObserver(moe, sparsify_needs) as observer:
+                    if sparsify_needs:
+                        run_layer(decoder_layer, hidden, kwargs)
+                plans[-1].sparsity = sparsify_layer(moe, observer.stats if sparsify_needs else None)
             if index < last_moe:
                 hidden = run_layer(decoder_layer, hidden, kwargs) if error_propagation else outputs
         decoder_layer.to(home)

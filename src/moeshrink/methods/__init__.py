@@ -9,6 +9,7 @@ from moeshrink.methods.base import ExpertMethod, LayerBudget, ScorePruning, top_
 from moeshrink.methods.ean import EANPruning
 from moeshrink.methods.frequency import FrequencyPruning
 from moeshrink.methods.hcsmoe import HCSMoE
+from moeshrink.methods.keep_all import KeepAll
 from moeshrink.methods.msmoe import MSMoE
 from moeshrink.methods.random import RandomPruning
 from moeshrink.methods.reap import REAPPruning
@@ -31,14 +32,16 @@ METHODS: dict[str, type[ExpertMethod]] = {
 
 
 def get_method(name: str, seed: int = 0, **options: Any) -> ExpertMethod:
-    """Build the method ``name`` with its options, or a one-line error listing the known methods."""
+    """Build the method ``name`` with its options, or a one-line error listing the known methods.
+    ``none`` (keep every expert) is accepted too; it is not among the compression methods."""
     key = name.replace("-", "_").lower()
-    if key not in METHODS:
-        raise MoeShrinkError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}")
+    known = METHODS | {KeepAll.name: KeepAll}
+    if key not in known:
+        raise MoeShrinkError(f"unknown method '{name}'; known methods: {', '.join(sorted(known))}")
     try:
-        return METHODS[key](seed=seed, **options)
+        return known[key](seed=seed, **options)
     except TypeError as e:
         raise MoeShrinkError(f"method '{name}': {e}") from e
 
 
-__all__ = ["METHODS", "ExpertMethod", "LayerBudget", "ScorePruning", "get_method", "top_scores"]
+__all__ = ["METHODS", "KeepAll", "ExpertMethod", "LayerBudget", "ScorePruning", "get_method", "top_scores"]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from moeshrink.info import ModelInfo
 from moeshrink.plan import PLAN_FILENAME, ModelPlan
+from moeshrink.sparsity.accounting import DENSE_NOTE, SparsityReport
 
 
-def model_card(plan: ModelPlan, before: ModelInfo, after: ModelInfo, name: str) -> str:
+def model_card(
+    plan: ModelPlan, before: ModelInfo, after: ModelInfo, name: str, sparsity: SparsityReport | None = None
+) -> str:
     """Markdown: what was done, what it kept, what it costs to serve, how to load it."""
     budget = ", ".join(f"{k}={v}" for k, v in plan.budget.items())
     calib = plan.calibration or {}
@@ -30,6 +33,17 @@ def model_card(plan: ModelPlan, before: ModelInfo, after: ModelInfo, name: str) 
         f"| bytes ({after.dtype}) | {before.bytes:,} | {after.bytes:,} |",
         "",
     ]
+    if sparsity is not None:
+        spec = plan.sparsity or {}
+        pattern = (
+            f"{spec['nm'][0]}:{spec['nm'][1]}" if spec.get("nm") else f"{spec.get('sparsity', 0):.0%} per row"
+        )
+        lines += [
+            f"Inside the routed experts, {spec.get('method')} zeroed weights ({pattern}): "
+            f"{sparsity.expert_fraction:.1%} of expert parameters and {sparsity.fraction:.1%} of all parameters "
+            f"are zero. {DENSE_NOTE}",
+            "",
+        ]
     if calib:
         lines += [
             f"Calibration: {calib.get('samples')} sequences x {calib.get('seq_len')} tokens "
