@@ -71,7 +71,11 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--tasks", action="store_true", help="also run the lm-eval multiple-choice tasks")
     parser.add_argument("--task-limit", type=int, default=100)
+    parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md from OUT.json and stop")
     args = parser.parse_args()
+    if args.render_only:
+        args.out.with_suffix(".md").write_text(render(json.loads(args.out.with_suffix(".json").read_text())))
+        return
     model_dir = args.model or testbed_model_dir()
     json_path = args.out.with_suffix(".json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,17 +132,15 @@ def render(data: dict) -> str:
     base = data["baseline"]
     domains = list(base["domains"])
     settings = data["settings"]
-    command = (
-        "python benchmarks/quality.py --out "
-        + settings["out"]
-        + (" --tasks" if settings.get("tasks") else "")
-    )
+    commands = "\n".join(f"    {c}" for c in data.get("commands", []))
     lines = [
         "# Quality benchmark on the testbed",
         "",
-        f"Command: `{command}` (model `{Path(settings['model']).name}`, {settings['samples']} x "
-        f"{settings['seq_len']} calibration tokens, perplexity on up to {settings['eval_tokens']} held-out "
-        "tokens per domain).",
+        f"Model `{Path(settings['model']).name}`, {settings['samples']} x {settings['seq_len']} calibration "
+        f"tokens from one domain's calib split, perplexity on up to {settings['eval_tokens']} held-out tokens "
+        "per domain, on one machine (2 CPU cores). Made by (each run adds its rows to the JSON):",
+        "",
+        commands,
         "",
         "Unpruned perplexity: "
         + ", ".join(f"{d} {base['domains'][d]['perplexity']:.2f}" for d in domains)
