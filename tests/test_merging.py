@@ -211,3 +211,29 @@ def test_refit_solves_the_weighted_least_squares_problem():
     )
     weighted = lambda r: float((t.weight[:, None] * r**2).sum())  # noqa: E731
     assert weighted(after) < 0.9 * weighted(before)
+
+
+def test_capped_average_linkage_matches_scipy_without_a_binding_cap_and_respects_the_cap():
+    from scipy.cluster.hierarchy import cut_tree, linkage
+
+    from moeshrink.methods.clustering import capped_average_linkage, labels_to_clusters
+
+    points = np.random.default_rng(3).normal(size=(12, 5))
+    ours = capped_average_linkage(points, 4, cap=12)
+    theirs = cut_tree(linkage(points, method="average"), n_clusters=4).reshape(-1)
+    members = list(range(12))
+    assert sorted(labels_to_clusters(members, ours)) == sorted(labels_to_clusters(members, theirs))
+    capped = labels_to_clusters(members, capped_average_linkage(points, 4, cap=3))
+    assert len(capped) == 4 and max(len(c) for c in capped) <= 3
+    with pytest.raises(ValueError, match="cannot form"):
+        capped_average_linkage(points, 3, cap=3)
+
+
+def test_hcsmoe_cluster_cap():
+    stats = _planted_stats()
+    clusters = get_method("hcsmoe", max_cluster_size=2).clusters(
+        _Layer(), stats, LayerBudget(keep=3, top_k=2)
+    )
+    assert max(len(c) for c in clusters) <= 2
+    with pytest.raises(moeshrink.MoeShrinkError, match="raise max_cluster_size"):
+        get_method("hcsmoe", max_cluster_size=1).clusters(_Layer(), stats, LayerBudget(keep=3, top_k=2))

@@ -73,3 +73,31 @@ def cosine_matrix(profiles: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(profiles, axis=0)
     unit = profiles / np.where(norms > 0, norms, 1)
     return unit.T @ unit
+
+
+def capped_average_linkage(features: np.ndarray, k: int, cap: int) -> np.ndarray:
+    """Average-linkage (UPGMA) agglomerative clustering on Euclidean distances into ``k`` clusters,
+    never forming a cluster larger than ``cap``. Without a binding cap it cuts the same dendrogram as
+    ``scipy.cluster.hierarchy.linkage(method="average")``. Returns labels."""
+    n = features.shape[0]
+    if cap * k < n:
+        raise ValueError(f"{n} experts cannot form {k} clusters of at most {cap}")
+    dist = np.sqrt(((features[:, None] - features[None]) ** 2).sum(-1))
+    clusters = [[i] for i in range(n)]
+    while len(clusters) > k:
+        best, pair = np.inf, None
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                if len(clusters[a]) + len(clusters[b]) > cap:
+                    continue
+                d = dist[np.ix_(clusters[a], clusters[b])].mean()
+                if d < best:
+                    best, pair = d, (a, b)
+        if pair is None:
+            raise ValueError(f"no two clusters fit under the cap of {cap} experts")
+        a, b = pair
+        clusters[a] = clusters[a] + clusters.pop(b)
+    labels = np.empty(n, dtype=int)
+    for c, members in enumerate(clusters):
+        labels[members] = c
+    return labels
