@@ -90,7 +90,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if not recipe.method:
         raise MoeShrinkError("no method given: pass --method NAME (or 'method:' in the recipe)")
     kwargs = recipe.prune_kwargs() | {"method_options": options}
+    from moeshrink.calib import distributed
+
     result = prune(recipe.model, recipe.method, progress=not args.quiet, **kwargs)
+    if distributed.rank() != 0:
+        return 0
     b, a = result.before, result.after
     print(
         f"{result.plan.method}: experts per layer {b.experts_per_layer[0]} -> {a.experts_per_layer[0]}, "

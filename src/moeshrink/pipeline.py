@@ -14,6 +14,7 @@ from torch import nn
 
 import moeshrink
 from moeshrink.arch import FamilyAdapter, GroupedFamilyAdapter
+from moeshrink.calib import distributed
 from moeshrink.calib.data import build_calibration
 from moeshrink.calib.runner import compress_layerwise
 from moeshrink.errors import MoeShrinkError
@@ -134,6 +135,8 @@ def prune(
     if expert_method.name == "none" and sparsify is None and top_k == int(config.num_experts_per_tok):
         raise MoeShrinkError("method 'none' with no --sparsity, --nm or --top-k change would change nothing")
     device = _device(device)
+    if distributed.launched_distributed():
+        device = str(distributed.init_distributed(device))
 
     calibration = None
     tokenizer = load_tokenizer(path)
@@ -157,14 +160,14 @@ def prune(
     layer_plans = compress_layerwise(
         loaded.model,
         adapter,
-        calibration.input_ids if calibration else None,
+        distributed.shard(calibration.input_ids) if calibration else None,
         lambda layer, stats: expert_method.compress(layer, stats, budget),
         expert_method.needs,
         top_k,
         device=device,
         batch_size=batch_size,
         error_propagation=error_propagation,
-        progress=progress,
+        progress=progress and distributed.rank() == 0,
         sparsify_layer=(lambda layer, stats: sparsify_layer(layer, stats, sparsify)) if sparsify else None,
         sparsify_needs=sparsify.needs if sparsify else frozenset(),
     )
@@ -177,7 +180,10 @@ def prune(
         budget={"keep": keep} if ratio is None else {"keep": keep, "ratio": ratio},
         top_k=top_k,
         source=_source(path, adapter, num_experts, config.num_experts_per_tok),
-        calibration=calibration.info | {"error_propagation": error_propagation} if calibration else None,
+        calibration=calibration.info
+        | {"error_propagation": error_propagation, "processes": distributed.world_size()}
+        if calibration
+        else None,
         sparsity=sparsify.to_dict() | {"scope": "routed experts"} if sparsify else None,
         versions=versions(),
         layers=layer_plans,
@@ -188,7 +194,10 @@ def prune(
         result.sparsity = count_sparsity(loaded.model)
     if output is not None:
         t = time.perf_counter()
-        result.output = _export(result, adapter, path, output, overwrite)
+        if distributed.rank() == 0:  # every rank holds the same compressed model; one writes it
+            result.output = _export(result, adapter, path, output, overwrite)
+        distributed.barrier()
+        result.output = Path(output)
         timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - start
     result.seconds = timings

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeshrink.arch import FamilyAdapter, MoELayer
+from moeshrink.calib.distributed import reduce_stats
 from moeshrink.calib.observers import LayerObserver, LayerStats
 from moeshrink.plan import LayerPlan
 from moeshrink.surgery import set_top_k
@@ -148,12 +149,14 @@ def compress_layerwise(
         else:
             with LayerObserver(moe, needs) as observer:
                 outputs = run_layer(decoder_layer, hidden, kwargs)
+            reduce_stats(observer.stats, observer.max_sample_tokens)
             plans.append(compress_layer(moe, observer.stats))
             set_top_k(moe, top_k)
             if sparsify_layer is not None:
                 with LayerObserver(moe, sparsify_needs) as observer:
                     if sparsify_needs:
                         run_layer(decoder_layer, hidden, kwargs)
+                reduce_stats(observer.stats, observer.max_sample_tokens)
                 plans[-1].sparsity = sparsify_layer(moe, observer.stats if sparsify_needs else None)
             if index < last_moe:
                 hidden = run_layer(decoder_layer, hidden, kwargs) if error_propagation else outputs
