@@ -79,3 +79,14 @@ def test_domain_expert_information_bounds():
     shared = {"a": [[0.5, 0.5, 0.5, 0.5]], "b": [[0.5, 0.5, 0.5, 0.5]]}
     assert domain_expert_information(separate) == pytest.approx([1.0])
     assert domain_expert_information(shared) == pytest.approx([0.0])
+
+
+@pytest.mark.slow
+def test_demo_on_the_shipped_testbed(tmp_path):
+    """The real demo on the trained testbed: every method ranks above random on the calibrated domain."""
+    report = run_demo(tmp_path / "demo", task_limit=20, eval_tokens=4096, progress=False)
+    results = json.loads((report.parent / "report.json").read_text())["results"]
+    base = results["unpruned"]["domains"]["wiki"]["perplexity"]
+    random_ratio = results["random"]["domains"]["wiki"]["perplexity"] / base
+    for method in ("frequency", "reap", "msmoe", "uncurl"):
+        assert results[method]["domains"]["wiki"]["perplexity"] / base < random_ratio
