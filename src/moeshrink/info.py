@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from moeshrink.arch import FamilyAdapter
-from moeshrink.io.checkpoint import load_config, weight_files
+from moeshrink.io.checkpoint import load_config, resize_per_layer, weight_files
 
 
 @dataclass
@@ -117,6 +117,7 @@ def inspect_model(path: str | Path) -> ModelInfo:
         dtype = getattr(torch, dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    resize_per_layer(model, adapter, config)
     info = describe_model(model, adapter, dtype)
     info.path = str(path)
     info.file_bytes = sum(f.stat().st_size for f in weight_files(Path(path)))

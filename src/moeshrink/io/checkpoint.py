@@ -9,11 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from moeshrink.arch import FamilyAdapter, get_adapter
 from moeshrink.errors import MoeShrinkError
+from moeshrink.plan import LayerPlan
+from moeshrink.surgery import apply_layer_plan
+from moeshrink.surgery.apply import PER_LAYER_KEY
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -107,6 +111,41 @@ def check_finite(model: nn.Module) -> None:
             )
 
 
+def resize_per_layer(model: nn.Module, adapter: FamilyAdapter, config) -> None:
+    """Shrink each MoE layer to its count in ``moeshrink_experts_per_layer`` (no-op without the field)."""
+    counts = getattr(config, PER_LAYER_KEY, None)
+    if not counts:
+        return
+    for layer in adapter.moe_layers(model):
+        if layer.index >= len(counts) or counts[layer.index] is None:
+            raise MoeShrinkError(f"{PER_LAYER_KEY} in config.json has no count for MoE layer {layer.index}")
+        keep = list(range(counts[layer.index]))
+        apply_layer_plan(layer, LayerPlan.keep(layer.index, layer.num_experts, keep))
+
+
+def _load_per_layer(path: Path, config, adapter: FamilyAdapter, dtype, experts: str | None) -> nn.Module:
+    """Load a checkpoint whose MoE layers keep different numbers of experts (config field
+    ``moeshrink_experts_per_layer``): build the model, shrink each layer to its count with the
+    shared surgery, then load the fused tensors strictly (only tied weights may be absent)."""
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=experts)
+    resize_per_layer(model, adapter, config)
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise MoeShrinkError(
+            f"{path}: weights do not match {PER_LAYER_KEY} (missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); re-export the checkpoint"
+        )
+    model.tie_weights()
+    return model
+
+
 @dataclass
 class LoadedModel:
     """A model with what belongs to it."""
@@ -136,7 +175,11 @@ def load_model(
         check_safetensors_file(file)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     experts = "eager" if torch.device(device).type == "cpu" else None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, experts_implementation=experts)
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, PER_LAYER_KEY, None):
+        model = _load_per_layer(path, config, adapter, torch_dtype, experts)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, experts_implementation=experts)
     model.eval()
     check_finite(model)
     layers = adapter.moe_layers(model)

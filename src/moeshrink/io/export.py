@@ -90,15 +90,16 @@ def export_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Save ``model`` with per-expert keys (transformers' original on-disk format), the tokenizer,
-    the plan and a model card to ``output``."""
-    counts = set(plan.num_experts_after)
-    if len(counts) != 1:
-        raise MoeShrinkError(
-            f"cannot export different expert counts per layer {sorted(counts)} as one checkpoint"
-        )
+    the plan and a model card to ``output``.
+
+    With different expert counts per layer the tensors are saved fused (the layout in memory, which
+    needs no per-family key conversion) and config.json lists the counts; ``moeshrink.load_model``
+    reloads such a checkpoint exactly."""
+    counts = plan.num_experts_after
+    uniform = len(set(counts)) == 1
     with atomic_directory(output, overwrite) as tmp:
-        model.save_pretrained(tmp)
-        write_config_aliases(tmp, adapter, counts.pop(), plan.top_k)
+        model.save_pretrained(tmp, save_original_format=uniform)
+        write_config_aliases(tmp, adapter, max(counts), plan.top_k)
         copy_tokenizer(source, tmp, tokenizer)
         plan.save(tmp / PLAN_FILENAME)
         refit = plan.refit_state()

@@ -26,7 +26,7 @@ def model_card(
         "",
         "| | before | after |",
         "|---|---|---|",
-        f"| experts per MoE layer | {before.experts_per_layer[0]} | {after.experts_per_layer[0]} |",
+        f"| experts per MoE layer | {_counts(before)} | {_counts(after)} |",
         f"| active experts per token | {before.top_k} | {after.top_k} |",
         f"| parameters | {before.parameters:,} | {after.parameters:,} |",
         f"| routed-expert parameters | {before.expert_parameters:,} | {after.expert_parameters:,} |",
@@ -64,11 +64,30 @@ def model_card(
         f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
         "```",
         "",
-        f"The checkpoint is a standard {plan.source.get('model_type', '')} checkpoint with one expert count for "
-        "every layer, so vLLM and SGLang serve it as they serve the original (`vllm serve DIR`). A pruned expert "
-        "count may have no tuned fused-MoE kernel configuration in vLLM, which then logs 'Using default MoE config'.",
+        _serving_note(plan, after),
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in plan.versions.items())}.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _counts(info: ModelInfo) -> str:
+    counts = info.experts_per_layer
+    return str(counts[0]) if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)} (per layer: {counts})"
+
+
+def _serving_note(plan: ModelPlan, after: ModelInfo) -> str:
+    family = plan.source.get("model_type", "")
+    if len(set(after.experts_per_layer)) > 1:
+        return (
+            f"This {family} checkpoint keeps a different number of experts per layer (config field "
+            "`moeshrink_experts_per_layer`) and stores fused expert tensors: load it with "
+            "`moeshrink.io.checkpoint.load_model(DIR)`, or `moeshrink eval DIR`. Plain `from_pretrained`, vLLM and "
+            "SGLang build one expert count for every layer and cannot load it; prune with a uniform budget to serve."
+        )
+    return (
+        f"The checkpoint is a standard {family} checkpoint with one expert count for every layer, so vLLM and "
+        "SGLang serve it as they serve the original (`vllm serve DIR`). A pruned expert count may have no tuned "
+        "fused-MoE kernel configuration in vLLM, which then logs 'Using default MoE config'."
+    )

@@ -107,19 +107,33 @@ def apply_model_plan(model: nn.Module, adapter: FamilyAdapter, plan: ModelPlan) 
             f"the plan covers MoE layers {sorted(planned)} but the model has {sorted(layers)}; "
             "apply a plan only to the checkpoint it was made from"
         )
-    counts = {lp.num_experts_after for lp in plan.layers}
-    if len(counts) != 1:
-        raise MoeShrinkError(
-            f"the plan keeps different expert counts per layer {sorted(counts)}; export needs one"
-        )
     for lp in plan.layers:
         apply_layer_plan(layers[lp.layer], lp)
         write_refit(layers[lp.layer], lp)
         set_top_k(layers[lp.layer], plan.top_k)
-    update_config(model, adapter, counts.pop(), plan.top_k)
+    update_config(model, adapter, {lp.layer: lp.num_experts_after for lp in plan.layers}, plan.top_k)
 
 
-def update_config(model: nn.Module, adapter: FamilyAdapter, num_experts: int, top_k: int) -> None:
-    """Rewrite every expert-count alias and ``num_experts_per_tok`` in the model's config."""
+# Config field of a checkpoint whose MoE layers keep different numbers of experts: one entry per
+# decoder layer, null for dense layers. Such checkpoints load with moeshrink.load_model (which
+# resizes each layer before loading the weights); vLLM and SGLang need one count for all layers.
+PER_LAYER_KEY = "moeshrink_experts_per_layer"
+
+
+def update_config(
+    model: nn.Module, adapter: FamilyAdapter, num_experts: int | dict[int, int], top_k: int
+) -> None:
+    """Rewrite every expert-count alias and ``num_experts_per_tok`` in the model's config. With
+    different counts per layer (``{layer: count}``) the aliases hold the largest and the per-layer
+    counts go to ``moeshrink_experts_per_layer``."""
+    counts = num_experts if isinstance(num_experts, dict) else None
+    if counts is not None and len(set(counts.values())) > 1:
+        layers = len(adapter.decoder_layers(model))
+        setattr(model.config, PER_LAYER_KEY, [counts.get(i) for i in range(layers)])
+        num_experts = max(counts.values())
+    else:
+        num_experts = next(iter(counts.values())) if counts is not None else num_experts
+        if hasattr(model.config, PER_LAYER_KEY):
+            delattr(model.config, PER_LAYER_KEY)
     adapter.set_num_experts(model.config, num_experts)
     model.config.num_experts_per_tok = top_k
