@@ -71,6 +71,11 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--tasks", action="store_true", help="also run the lm-eval multiple-choice tasks")
     parser.add_argument("--task-limit", type=int, default=100)
+    parser.add_argument(
+        "--global-budget",
+        action="store_true",
+        help="share keep x layers over the layers by usage (rows: METHOD+global)",
+    )
     parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md from OUT.json and stop")
     args = parser.parse_args()
     if args.render_only:
@@ -103,7 +108,7 @@ def main() -> None:
     for calib_domain in args.calib_domains:
         for keep in args.keep:
             for method in args.methods:
-                key = f"{method}|{keep}|{calib_domain}"
+                key = f"{method}{'+global' if args.global_budget else ''}|{keep}|{calib_domain}"
                 if key in data["rows"]:
                     continue
                 print(f"[quality] {key}", flush=True)
@@ -116,10 +121,12 @@ def main() -> None:
                     samples=args.samples,
                     seq_len=args.seq_len,
                     method_options=options,
+                    global_budget=args.global_budget,
                     progress=False,
                 )
                 row = evaluate_model(result.model, result.tokenizer, **evaluate)
                 row["compress_seconds"] = result.seconds["compress"]
+                row["experts_per_layer_after"] = result.after.experts_per_layer
                 row["time_over_floor"] = result.seconds["compress"] / data["floor_seconds"][calib_domain]
                 data["rows"][key] = row
                 json_path.write_text(json.dumps(data, indent=1) + "\n")

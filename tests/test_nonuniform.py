@@ -36,3 +36,42 @@ def test_per_layer_counts_reload_exactly(family, checkpoints, calib_file, tmp_pa
     assert (
         moeshrink.inspect(tmp_path / "out").experts_per_layer == [6, 4, 2] == result.after.experts_per_layer
     )
+
+
+def test_allocate_global_follows_usage():
+    from moeshrink.methods.budget import allocate_global
+
+    concentrated = torch.tensor([90.0, 5, 3, 2, 0, 0, 0, 0])
+    spread = torch.ones(8)
+    counts = allocate_global({0: concentrated, 1: spread}, total=8, minimum=2)
+    assert sum(counts.values()) == 8 and counts[0] < counts[1] and min(counts.values()) >= 2
+    grouped = allocate_global({0: concentrated, 1: spread, 2: spread}, total=12, minimum=4, unit=2)
+    assert sum(grouped.values()) == 12 and all(c % 2 == 0 and c >= 4 for c in grouped.values())
+    with pytest.raises(moeshrink.MoeShrinkError, match="must lie in"):
+        allocate_global({0: spread, 1: spread}, total=2, minimum=2)
+    with pytest.raises(moeshrink.MoeShrinkError, match="multiple of the 2 routing groups"):
+        allocate_global({0: spread, 1: spread}, total=9, minimum=2, unit=2)
+
+
+@pytest.mark.parametrize("family, method", [("mixtral", "uncurl"), ("deepseek_v3", "reap")])
+def test_global_budget_end_to_end(family, method, checkpoints, calib_file, tmp_path):
+    result = moeshrink.prune(
+        checkpoints[family],
+        method,
+        keep=4,
+        calib=calib_file,
+        samples=8,
+        seq_len=32,
+        global_budget=True,
+        output=tmp_path / "out",
+        progress=False,
+    )
+    counts = result.after.experts_per_layer
+    assert sum(counts) == 4 * len(counts) and result.plan.budget["scope"] == "global"
+    if family == "deepseek_v3":
+        assert all(c % 2 == 0 and c >= 4 for c in counts)
+    loaded = load_model(tmp_path / "out")
+    assert [layer.num_experts for layer in loaded.adapter.moe_layers(loaded.model)] == counts
+    ids = torch.randint(1, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, result.model(ids).logits, rtol=1e-5, atol=1e-5)

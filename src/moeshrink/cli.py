@@ -49,6 +49,13 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--nm", help="N:M sparsity inside the experts instead, e.g. 2:4")
     p.add_argument(
+        "--global-budget",
+        action="store_const",
+        const=True,
+        help="share the experts kept (--keep per layer on average, or --ratio) over the layers by usage; "
+        "the output then has per-layer expert counts",
+    )
+    p.add_argument(
         "--overwrite", action="store_const", const=True, help="replace an existing output directory"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -97,7 +104,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         return 0
     b, a = result.before, result.after
     print(
-        f"{result.plan.method}: experts per layer {b.experts_per_layer[0]} -> {a.experts_per_layer[0]}, "
+        f"{result.plan.method}: experts per layer {b.experts_text} -> {a.experts_text}, "
         f"top-k {b.top_k} -> {a.top_k}, parameters {b.parameters:,} -> {a.parameters:,} "
         f"({a.parameters / b.parameters:.1%}) in {result.seconds['total']:.1f}s"
     )

@@ -35,6 +35,14 @@ class ModelInfo:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def experts_text(self) -> str:
+        """``8``, or ``3-5 (per layer: [4, 3, 5])`` when the layers differ."""
+        counts = self.experts_per_layer
+        return (
+            str(counts[0]) if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)} (per layer: {counts})"
+        )
+
     def to_text(self) -> str:
         experts = sorted(set(self.experts_per_layer))
         per_layer = str(experts[0]) if len(experts) == 1 else f"{min(experts)}..{max(experts)} (varies)"

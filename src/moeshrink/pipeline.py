@@ -16,7 +16,8 @@ import moeshrink
 from moeshrink.arch import FamilyAdapter, GroupedFamilyAdapter
 from moeshrink.calib import distributed
 from moeshrink.calib.data import build_calibration
-from moeshrink.calib.runner import compress_layerwise
+from moeshrink.calib.observers import COUNTS
+from moeshrink.calib.runner import collect_layer_stats, compress_layerwise
 from moeshrink.errors import MoeShrinkError
 from moeshrink.info import ModelInfo, describe_model
 from moeshrink.io.checkpoint import (
@@ -28,6 +29,7 @@ from moeshrink.io.checkpoint import (
 )
 from moeshrink.io.export import check_output_dir, export_checkpoint, load_plan
 from moeshrink.methods import LayerBudget, get_method
+from moeshrink.methods.budget import allocate_global
 from moeshrink.plan import ModelPlan
 from moeshrink.report.model_card import model_card
 from moeshrink.sparsity.accounting import SparsityReport, count_sparsity
@@ -104,6 +106,7 @@ def prune(
     sparsity: float | None = None,
     sparsity_method: str = "wanda",
     nm: str | None = None,
+    global_budget: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> PruneResult:
@@ -112,7 +115,9 @@ def prune(
     Every input is checked before the weights are loaded: the family, the budget, the method, the
     calibration text and the output directory. ``sparsity`` (a fraction) or ``nm`` ("2:4") also zeroes
     weights inside the surviving experts (Wanda by default, magnitude with ``sparsity_method``).
-    Method ``none`` keeps every expert (to only sparsify, or only lower ``top_k``).
+    Method ``none`` keeps every expert (to only sparsify, or only lower ``top_k``). With
+    ``global_budget`` the experts kept (``keep`` per layer on average, or ``ratio``) are shared out over
+    the layers by usage (:mod:`moeshrink.methods.budget`) and the output has per-layer counts.
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -140,9 +145,16 @@ def prune(
 
     calibration = None
     tokenizer = load_tokenizer(path)
-    if expert_method.needs or (sparsify and sparsify.needs):
+    if global_budget and expert_method.name == "none":
+        raise MoeShrinkError(
+            "a global budget shares out the experts kept: it needs a method other than 'none'"
+        )
+    if expert_method.needs or (sparsify and sparsify.needs) or global_budget:
         if not calib:
-            raise MoeShrinkError(f"method '{expert_method.name}' needs calibration text: pass --calib FILE")
+            raise MoeShrinkError(
+                f"method '{expert_method.name}'{' with a global budget' if global_budget else ''} needs calibration "
+                "text: pass --calib FILE"
+            )
         if tokenizer is None:
             raise MoeShrinkError(f"{path} has no tokenizer files; calibration needs the model's tokenizer")
         paths = [calib] if isinstance(calib, (str, Path)) else list(calib)
@@ -156,12 +168,30 @@ def prune(
 
     t = time.perf_counter()
     groups = GroupedFamilyAdapter.num_groups(config) if isinstance(adapter, GroupedFamilyAdapter) else 1
-    budget = LayerBudget(keep=keep, top_k=top_k, groups=groups)
+    input_ids = distributed.shard(calibration.input_ids) if calibration else None
+    moe_layers = [layer.index for layer in adapter.moe_layers(loaded.model)]
+    per_layer = dict.fromkeys(moe_layers, keep)
+    if global_budget:
+        usage = collect_layer_stats(
+            loaded.model,
+            adapter,
+            input_ids,
+            frozenset({COUNTS}),
+            device=device,
+            batch_size=batch_size,
+            progress=progress and distributed.rank() == 0,
+        )
+        minimum = max(top_k, 2 * groups if groups > 1 else top_k)
+        per_layer = allocate_global(
+            {i: s.counts for i, s in usage.items()}, keep * len(moe_layers), minimum, groups
+        )
     layer_plans = compress_layerwise(
         loaded.model,
         adapter,
-        distributed.shard(calibration.input_ids) if calibration else None,
-        lambda layer, stats: expert_method.compress(layer, stats, budget),
+        input_ids,
+        lambda layer, stats: expert_method.compress(
+            layer, stats, LayerBudget(keep=per_layer[layer.index], top_k=top_k, groups=groups)
+        ),
         expert_method.needs,
         top_k,
         device=device,
@@ -171,13 +201,18 @@ def prune(
         sparsify_layer=(lambda layer, stats: sparsify_layer(layer, stats, sparsify)) if sparsify else None,
         sparsify_needs=sparsify.needs if sparsify else frozenset(),
     )
-    update_config(loaded.model, adapter, keep, top_k)
+    update_config(loaded.model, adapter, {lp.layer: lp.num_experts_after for lp in layer_plans}, top_k)
     timings["compress"] = time.perf_counter() - t
 
     plan = ModelPlan(
         method=expert_method.name,
         method_options=expert_method.options,
-        budget={"keep": keep} if ratio is None else {"keep": keep, "ratio": ratio},
+        budget=({"keep": keep} if ratio is None else {"keep": keep, "ratio": ratio})
+        | (
+            {"scope": "global", "total": sum(per_layer.values()), "per_layer": per_layer}
+            if global_budget
+            else {}
+        ),
         top_k=top_k,
         source=_source(path, adapter, num_experts, config.num_experts_per_tok),
         calibration=calibration.info

@@ -79,6 +79,7 @@ class Recipe(BaseModel):
     sparsity: float | None = None
     sparsity_method: str = "wanda"
     nm: str | None = None
+    global_budget: bool = False
     overwrite: bool = False
     steps: list[Step] = []
 

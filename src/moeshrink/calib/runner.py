@@ -162,3 +162,38 @@ def compress_layerwise(
                 hidden = run_layer(decoder_layer, hidden, kwargs) if error_propagation else outputs
         decoder_layer.to(home)
     return plans
+
+
+@torch.no_grad()
+def collect_layer_stats(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    input_ids: torch.Tensor,
+    needs: frozenset[str],
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[int, LayerStats]:
+    """Statistics of every MoE layer of the unmodified model, one layer at a time (no compression)."""
+    device = torch.device(device)
+    layers = adapter.decoder_layers(model)
+    moe_by_index = {m.index: m for m in adapter.moe_layers(model)}
+    home = next(model.parameters()).device
+    cached = capture_layer_inputs(model, adapter, input_ids, batch_size, device)
+    hidden, stats = cached.hidden, {}
+    bar = tqdm(list(enumerate(layers)), desc="statistics", unit="layer", disable=not progress)
+    for index, decoder_layer in bar:
+        if index > max(moe_by_index):
+            break
+        decoder_layer.to(device)
+        kwargs = [_move(kw, device) for kw in cached.layer_kwargs[index]]
+        if index in moe_by_index:
+            with LayerObserver(moe_by_index[index], needs) as observer:
+                hidden = run_layer(decoder_layer, hidden, kwargs)
+            reduce_stats(observer.stats, observer.max_sample_tokens)
+            stats[index] = observer.stats
+        else:
+            hidden = run_layer(decoder_layer, hidden, kwargs)
+        decoder_layer.to(home)
+    return stats

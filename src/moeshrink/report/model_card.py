@@ -26,7 +26,7 @@ def model_card(
         "",
         "| | before | after |",
         "|---|---|---|",
-        f"| experts per MoE layer | {_counts(before)} | {_counts(after)} |",
+        f"| experts per MoE layer | {before.experts_text} | {after.experts_text} |",
         f"| active experts per token | {before.top_k} | {after.top_k} |",
         f"| parameters | {before.parameters:,} | {after.parameters:,} |",
         f"| routed-expert parameters | {before.expert_parameters:,} | {after.expert_parameters:,} |",
@@ -70,11 +70,6 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
-
-
-def _counts(info: ModelInfo) -> str:
-    counts = info.experts_per_layer
-    return str(counts[0]) if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)} (per layer: {counts})"
 
 
 def _serving_note(plan: ModelPlan, after: ModelInfo) -> str:
