@@ -37,17 +37,15 @@ def check_output_dir(output: str | Path, overwrite: bool) -> Path:
     return output
 
 
-@contextmanager
-def atomic_directory(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``output``, on failure it is removed."""
-    output = check_output_dir(output, overwrite)
+def temporary_directory(output: Path) -> Path:
+    """A new hidden directory beside ``output`` (same file system, so renaming it into place is atomic)."""
     tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return tmp
+
+
+def replace_directory(tmp: Path, output: Path) -> None:
+    """Rename the finished ``tmp`` to ``output``, replacing what was there."""
     old = None
     if output.exists():
         old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
@@ -55,6 +53,19 @@ def atomic_directory(output: str | Path, overwrite: bool = False) -> Iterator[Pa
     tmp.rename(output)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_directory(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``output``, on failure it is removed."""
+    output = check_output_dir(output, overwrite)
+    tmp = temporary_directory(output)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_directory(tmp, output)
 
 
 def write_config_aliases(directory: Path, adapter: FamilyAdapter, num_experts: int, top_k: int) -> None:
@@ -99,15 +110,29 @@ def export_checkpoint(
     uniform = len(set(counts)) == 1
     with atomic_directory(output, overwrite) as tmp:
         model.save_pretrained(tmp, save_original_format=uniform)
-        write_config_aliases(tmp, adapter, max(counts), plan.top_k)
-        copy_tokenizer(source, tmp, tokenizer)
-        plan.save(tmp / PLAN_FILENAME)
-        refit = plan.refit_state()
-        if refit:
-            save_file(refit, tmp / REFIT_FILENAME, metadata={"format": "pt"})
-        if model_card is not None:
-            (tmp / "README.md").write_text(model_card)
+        write_extras(tmp, adapter, plan, source=source, tokenizer=tokenizer, model_card=model_card)
     return Path(output)
+
+
+def write_extras(
+    directory: Path,
+    adapter: FamilyAdapter,
+    plan: ModelPlan,
+    *,
+    source: Path | None = None,
+    tokenizer=None,
+    model_card: str | None = None,
+) -> None:
+    """Everything of an export besides the weights and config.json: the config's expert-count
+    aliases, the tokenizer, the plan (and its re-fitted tensors) and the model card."""
+    write_config_aliases(directory, adapter, max(plan.num_experts_after), plan.top_k)
+    copy_tokenizer(source, directory, tokenizer)
+    plan.save(directory / PLAN_FILENAME)
+    refit = plan.refit_state()
+    if refit:
+        save_file(refit, directory / REFIT_FILENAME, metadata={"format": "pt"})
+    if model_card is not None:
+        (directory / "README.md").write_text(model_card)
 
 
 def load_plan(path: str | Path) -> ModelPlan:

@@ -1,0 +1,388 @@
+"""Stream a checkpoint one decoder layer at a time: prune models larger than memory.
+
+The model is built without weights (parameters on the meta device, buffers such as rotary tables
+real). The tensors outside the decoder layers (embeddings, final norm, LM head) are loaded up front;
+each decoder layer's tensors are read from the safetensors shards only when the layer-wise runner
+reaches it (:meth:`LayerStreamer.load`), and after the runner is done with the layer its tensors
+are written to an output shard and the layer goes back to the meta device
+(:meth:`LayerStreamer.release`). Peak memory is then one layer plus the cached hidden states.
+
+On-disk key layouts are translated with transformers' own conversion machinery, applied to one
+layer's tensors at a time: per-expert keys (``experts.0.w1.weight``) are fused on load exactly as
+``from_pretrained`` fuses them, and the output is written in the layout ``save_pretrained`` would
+write, so a streamed checkpoint is tensor-for-tensor the one the in-memory path exports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import weakref
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import convert_and_load_state_dict_in_model, revert_weight_conversion
+from transformers.modeling_utils import LoadStateDictConfig, remove_tied_weights_from_state_dict
+from transformers.utils import logging as hf_logging
+
+from moeshrink.arch import FamilyAdapter
+from moeshrink.errors import MoeShrinkError
+from moeshrink.io.checkpoint import (
+    LoadedModel,
+    check_safetensors_file,
+    load_config,
+    resolve_checkpoint,
+    weight_files,
+)
+from moeshrink.io.export import check_output_dir, replace_directory, temporary_directory, write_extras
+from moeshrink.plan import ModelPlan
+
+LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+SAFETENSORS_METADATA = {"format": "pt"}
+
+
+def layer_of(key: str) -> int | None:
+    """The decoder layer a tensor name belongs to (``model.layers.3.mlp...`` -> 3), or None."""
+    match = LAYER_KEY.search(key)
+    return int(match.group(1)) if match else None
+
+
+class ShardReader:
+    """Which shard holds each tensor of a checkpoint, and reading a chosen few of them.
+
+    Every shard is checked (complete header, not truncated) and every tensor the index lists is
+    checked to be in its shard before anything is loaded."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.files = weight_files(path)
+        for file in self.files:
+            check_safetensors_file(file)
+        self.location: dict[str, Path] = {}
+        self.nbytes: dict[str, int] = {}
+        for file in self.files:
+            with safe_open(file, "pt") as f:
+                for key in f.keys():
+                    self.location[key] = file
+                    tensor_slice = f.get_slice(key)
+                    numel = 1
+                    for dim in tensor_slice.get_shape():
+                        numel *= dim
+                    self.nbytes[key] = numel * _itemsize(tensor_slice.get_dtype())
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            for key, name in weight_map.items():
+                if self.location.get(key) != path / name:
+                    raise MoeShrinkError(
+                        f"{path}: model.safetensors.index.json puts {key} in {name} but that shard does not "
+                        "hold it: re-download the checkpoint"
+                    )
+        self.by_layer: dict[int | None, list[str]] = defaultdict(list)
+        for key in self.location:
+            self.by_layer[layer_of(key)].append(key)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.nbytes.values())
+
+    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, opening each shard once."""
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for key in keys:
+            by_file[self.location[key]].append(key)
+        out = {}
+        for file, names in by_file.items():
+            with safe_open(file, "pt") as f:
+                for name in names:
+                    out[name] = f.get_tensor(name)
+        return out
+
+
+_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+
+
+def _itemsize(dtype: str) -> int:
+    return _ITEMSIZE.get(dtype.upper(), 1)
+
+
+class ShardWriter:
+    """Writes an output checkpoint one group of tensors (one decoder layer) per shard, and the index
+    at the end."""
+
+    def __init__(self, directory: Path, num_shards: int):
+        self.directory = directory
+        self.num_shards = num_shards
+        self.written = 0
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def write(self, state: dict[str, torch.Tensor]) -> None:
+        self.written += 1
+        name = f"model-{self.written:05d}-of-{self.num_shards:05d}.safetensors"
+        state = {k: v.contiguous() for k, v in state.items()}
+        save_file(state, self.directory / name, metadata=SAFETENSORS_METADATA)
+        for key, tensor in state.items():
+            self.weight_map[key] = name
+            self.total_size += tensor.numel() * tensor.element_size()
+
+    def finish(self, total_parameters: int) -> None:
+        if self.written != self.num_shards:
+            raise RuntimeError(f"wrote {self.written} shards, expected {self.num_shards}")
+        index = {
+            "metadata": {"total_parameters": total_parameters, "total_size": self.total_size},
+            "weight_map": dict(sorted(self.weight_map.items())),
+        }
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def resolve_dtype(config: PretrainedConfig, dtype: str | torch.dtype) -> torch.dtype:
+    """``auto`` -> the checkpoint's dtype from its config (float32 when it names none)."""
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+class LayerStreamer:
+    """A model skeleton whose decoder layers are loaded from the shards and written out one at a time.
+
+    Use ``model`` as the loaded model; pass the streamer as ``layer_hooks`` to the layer-wise runner,
+    which calls :meth:`load` before it touches a decoder layer and :meth:`release` when it is done.
+    With ``output`` each released layer is written to a hidden temporary directory beside it;
+    :meth:`commit` writes the rest and renames it into place. A streamer dropped before it commits
+    (an error on the way) removes its temporary directory, so no half-written output remains."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        dtype: str | torch.dtype = "auto",
+        *,
+        output: str | Path | None = None,
+        overwrite: bool = False,
+        experts_implementation: str | None = "eager",
+    ):
+        self.path = resolve_checkpoint(path)
+        self.output = None if output is None else check_output_dir(output, overwrite)
+        config, self.adapter = load_config(self.path)
+        self.reader = ShardReader(self.path)
+        self.dtype = resolve_dtype(config, dtype)
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(
+                config, dtype=self.dtype, experts_implementation=experts_implementation
+            )
+        self.model.eval()
+        self.layers: list[nn.Module] = list(self.adapter.decoder_layers(self.model))
+        names = {id(m): n for n, m in self.model.named_modules()}
+        self.prefixes = [names[id(layer)] + "." for layer in self.layers]
+        self.mapping = get_model_conversion_mapping(self.model)
+        self.writer = None
+        if self.output is not None:
+            self.directory = temporary_directory(self.output)
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, True)
+            self.writer = ShardWriter(self.directory, len(self.layers) + 1)
+        self.loaded: set[int] = set()
+        self.released: set[int] = set()
+        self.max_loaded = 0  # most decoder layers materialised at once (at most 1 by design)
+        self._load_state(self.reader.read(self.reader.by_layer[None]), "the embeddings and head")
+        self.model.tie_weights()
+        moe_layers = self.adapter.moe_layers(self.model)
+        if not moe_layers:
+            raise MoeShrinkError(f"{self.path}: no MoE layers found in this {self.adapter.model_type} model")
+        self.adapter.check_weights_layout(moe_layers[0])
+        for name, param in self.model.named_parameters():
+            if LAYER_KEY.search(name) is None and param.is_meta:
+                raise MoeShrinkError(f"{self.path}: the checkpoint has no tensor for {name}: re-download it")
+
+    def as_loaded(self, tokenizer=None) -> LoadedModel:
+        """The skeleton model as :func:`~moeshrink.io.checkpoint.load_model` returns a loaded one."""
+        return LoadedModel(model=self.model, adapter=self.adapter, path=self.path, tokenizer=tokenizer)
+
+    def _load_state(self, state: dict[str, torch.Tensor], what: str) -> None:
+        """Load ``state`` (on-disk keys) into the skeleton through transformers' conversions."""
+        progress = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            info, _ = convert_and_load_state_dict_in_model(
+                self.model, state, LoadStateDictConfig(dtype=self.dtype, weight_mapping=self.mapping)
+            )
+        finally:
+            if progress:
+                hf_logging.enable_progress_bar()
+        if info.mismatched_keys or info.unexpected_keys:
+            bad = sorted(info.unexpected_keys) + [k for k, *_ in info.mismatched_keys]
+            raise MoeShrinkError(
+                f"{self.path}: tensors of {what} do not fit the model its config.json describes "
+                f"(e.g. {bad[0]}): the config and weights disagree; re-download the checkpoint"
+            )
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        """Read decoder layer ``index``'s tensors from the shards into the model."""
+        if index in self.loaded:
+            return
+        if index in self.released:
+            raise RuntimeError(f"decoder layer {index} was already written and released")
+        self._load_state(self.reader.read(self.reader.by_layer.get(index, [])), f"decoder layer {index}")
+        for name, tensor in layer.named_parameters():
+            if tensor.is_meta:
+                raise MoeShrinkError(
+                    f"{self.path}: the checkpoint has no tensor for {self.prefixes[index]}{name}: re-download it"
+                )
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise MoeShrinkError(
+                    f"weight {self.prefixes[index]}{name} contains NaN or inf: the checkpoint is corrupt; "
+                    "re-download it"
+                )
+        self.loaded.add(index)
+        self.max_loaded = max(self.max_loaded, len(self.loaded))
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        """Write decoder layer ``index`` to the output (when there is one) and free its tensors."""
+        if index not in self.loaded:
+            return
+        if self.writer is not None:
+            state = {self.prefixes[index] + k: v for k, v in layer.state_dict().items()}
+            self.writer.write(self._on_disk(state))
+        _to_meta(layer)
+        self.loaded.discard(index)
+        self.released.add(index)
+
+    def _on_disk(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What ``save_pretrained`` writes for these tensors: tied copies dropped, conversions reverted."""
+        ignore = getattr(self.model, "_keys_to_ignore_on_save", None) or []
+        state = {k: v for k, v in state.items() if k not in ignore}
+        state = remove_tied_weights_from_state_dict(state, self.model)
+        return revert_weight_conversion(self.model, state)
+
+    def release_all(self) -> None:
+        """Load, write and free every decoder layer the runner did not visit (e.g. after the last MoE layer)."""
+        for index, layer in enumerate(self.layers):
+            if index not in self.released:
+                self.load(index, layer)
+                self.release(index, layer)
+
+    def commit(self, plan: ModelPlan, *, tokenizer=None, model_card: str | None = None) -> Path:
+        """Write the rest of the checkpoint (as :func:`~moeshrink.io.export.export_checkpoint` does)
+        and rename it to the output directory."""
+        if self.writer is None or self.output is None:
+            raise RuntimeError("commit() needs an output directory")
+        try:
+            self._finish(self.directory)
+            write_extras(
+                self.directory,
+                self.adapter,
+                plan,
+                source=self.path,
+                tokenizer=tokenizer,
+                model_card=model_card,
+            )
+            replace_directory(self.directory, self.output)
+        except BaseException:
+            self._cleanup()
+            raise
+        self._cleanup.detach()
+        return self.output
+
+    def abort(self) -> None:
+        """Remove the temporary output directory now."""
+        if self.writer is not None:
+            self._cleanup()
+
+    def _finish(self, directory: Path) -> None:
+        """Write the tensors outside the decoder layers, the index and config.json (as ``save_pretrained``)."""
+        self.release_all()
+        state = {k: v for k, v in self.model.state_dict().items() if layer_of(k) is None}
+        self.writer.write(self._on_disk(state))
+        self.writer.finish(self.model.num_parameters())
+        config = self.model.config
+        config.dtype = str(self.dtype).removeprefix("torch.")
+        config.architectures = [type(self.model).__name__]
+        config.save_pretrained(directory)
+        if self.model.can_generate():
+            self.model.generation_config.save_pretrained(directory)
+
+
+def _to_meta(module: nn.Module) -> None:
+    """Replace the parameters and saved buffers of ``module`` by meta tensors of the same shape."""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None:
+                sub._parameters[name] = nn.Parameter(
+                    torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
+                )
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None and name not in sub._non_persistent_buffers_set:
+                sub._buffers[name] = torch.empty_like(buffer, device="meta")
+
+
+def estimate_output_bytes(reader: ShardReader, adapter: FamilyAdapter, config, keep: int) -> int:
+    """Bytes of the pruned checkpoint's tensors: everything, with routed-expert tensors scaled to
+    ``keep`` of the experts (an upper bound for merging too: a merged expert is one expert)."""
+    num_experts = adapter.num_experts(config)
+    expert = sum(n for k, n in reader.nbytes.items() if ".experts." in k and "shared" not in k)
+    return reader.total_bytes - expert + expert * keep // max(num_experts, 1)
+
+
+def check_free_disk(output: str | Path, needed: int, margin: float = 0.05) -> None:
+    """Refuse to start when the output's file system has less room than ``needed`` bytes (plus a margin)."""
+    output = Path(output).absolute()
+    parent = output.parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    want = int(needed * (1 + margin)) + (64 << 20)
+    if free < want:
+        raise MoeShrinkError(
+            f"not enough free disk for the output {output}: it needs about {want / 2**30:.2f} GiB, "
+            f"{parent} has {free / 2**30:.2f} GiB free; free some space or choose another --output"
+        )
+
+
+def physical_memory_bytes() -> int:
+    """This machine's RAM."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# Streaming is chosen automatically when the checkpoint's tensors exceed this fraction of the RAM.
+AUTO_STREAM_FRACTION = 0.5
+
+
+def choose_streaming(
+    stream: bool | None, reader: ShardReader, output: str | Path | None, unsupported: dict[str, bool]
+) -> bool:
+    """Whether to stream: as asked, or (``None``) when an output is written, no option needs the
+    whole model, and the checkpoint is larger than ``AUTO_STREAM_FRACTION`` of the RAM.
+    ``unsupported`` maps option names to whether they are in use."""
+    used = [name for name, on in unsupported.items() if on]
+    if stream is None:
+        big = reader.total_bytes > AUTO_STREAM_FRACTION * physical_memory_bytes()
+        return big and output is not None and not used
+    if stream and output is None:
+        raise MoeShrinkError(
+            "--stream writes the pruned layers as it goes: give an output directory (-o DIR)"
+        )
+    if stream and used:
+        raise MoeShrinkError(
+            f"--stream does not support {', '.join(used)} yet: drop it, or run without --stream"
+        )
+    return bool(stream)
