@@ -143,19 +143,25 @@ class MergeMethod(ExpertMethod):
         return logit_space_coefficients(layer, stats.logits, members)
 
 
-def logit_space_coefficients(layer: MoELayer, logits: torch.Tensor, members: list[int]) -> list[float]:
+def logit_space_coefficients(
+    layer: MoELayer, logits: torch.Tensor, members: list[int], mass: list[float] | None = None
+) -> list[float]:
     """Coefficients c over the member rows with sum_j c_j * logit_j(x) ~ the cluster's total routing
-    mass in logit space, by ridge-regularised least squares on the sampled calibration tokens."""
+    mass in logit space, by ridge-regularised least squares on the sampled calibration tokens.
+
+    ``mass`` (non-negative, default all 1) weighs each member's probability in that total: EEP's
+    router transfer gives the new expert ``sum_j mass_j * p_j(x)``."""
     member_logits = logits[:, members].double()
     _, index = layer.route(logits)
     routed = torch.isin(index, torch.tensor(members)).any(dim=1)
     if int(routed.sum()) >= 4 * len(members):
         member_logits = member_logits[routed]
+    scale = torch.ones(len(members), dtype=torch.float64) if mass is None else torch.tensor(mass).double()
     if layer.probabilities is sigmoid_probabilities:
-        total = torch.sigmoid(member_logits).sum(1).clamp(1e-4, 1 - 1e-4)
+        total = (torch.sigmoid(member_logits) * scale).sum(1).clamp(1e-4, 1 - 1e-4)
         target = torch.log(total) - torch.log1p(-total)
     else:
-        target = torch.logsumexp(member_logits, dim=1)
+        target = torch.logsumexp(member_logits + scale.log(), dim=1)
     gram = member_logits.T @ member_logits
     ridge = 1e-6 * gram.diagonal().mean() * torch.eye(len(members), dtype=gram.dtype)
     coefficients = torch.linalg.solve(gram + ridge, member_logits.T @ target)

@@ -1,0 +1,654 @@
+"""EEP: gradient-free evolutionary search of which experts to keep and how to merge the rest.
+
+A candidate gives each MoE layer a merge matrix ``M [K, E]`` and a router transfer ``T [K, E]``
+(:mod:`moeshrink.search.fitness`). Two stages, each a population with elitism scored on a task by
+inference only:
+
+1. **prune**: one-hot rows (``T = M``): which K experts each layer keeps. Starts from the most used
+   experts plus random subsets; children take each layer's subset from one of two tournament-chosen
+   parents, and a mutation swaps a kept expert for a dropped one.
+2. **merge**: continuous rows, starting from the best pruning: Gaussian mutation of a fraction of the
+   entries of ``M`` (rows renormalised to sum to 1) and ``T`` (kept non-negative), row-wise crossover.
+
+The search is seeded (every generation draws from its own generator, so a resumed search continues
+exactly) and writes its state after every generation to ``state_dir``. With torch.distributed
+(``torchrun``) each rank scores a slice of the population and the scores are gathered.
+
+Export: experts are materialised through the shared surgery; ``T`` is folded into a standard router
+whose rows are linear combinations of the old rows fitted by least squares in logit space
+(:func:`moeshrink.methods.merging.logit_space_coefficients`). One-hot rows fold exactly; mixed rows
+cannot (a softmax of a linear map is not a mixture of softmax probabilities), and
+:func:`fold_error` measures how far the folded router is from the exact transfer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from moeshrink.arch import GroupedFamilyAdapter
+from moeshrink.calib import distributed
+from moeshrink.calib.observers import COUNTS
+from moeshrink.calib.runner import collect_layer_stats
+from moeshrink.errors import MoeShrinkError
+from moeshrink.info import describe_model
+from moeshrink.io.checkpoint import checkpoint_fingerprint, load_config, load_model, resolve_checkpoint
+from moeshrink.io.export import check_output_dir, export_checkpoint
+from moeshrink.methods.merging import logit_space_coefficients
+from moeshrink.plan import LayerPlan, ModelPlan, NewExpert
+from moeshrink.report.model_card import model_card
+from moeshrink.search.fitness import (
+    Fitness,
+    RoutingComparison,
+    TaskFitness,
+    build_task_data,
+    one_hot_rows,
+    read_items,
+    resolve_task,
+)
+from moeshrink.surgery import apply_model_plan
+
+STATE_FORMAT = "moeshrink-eep-state/1"
+STATE_FILENAME = "eep_state.json"
+
+
+@dataclass
+class EEPSettings:
+    """The search's budget and operators (all saved with the state and the plan)."""
+
+    keep: int
+    top_k: int
+    population: int = 8
+    elite: int = 2
+    prune_iterations: int = 10
+    merge_iterations: int = 20
+    swap_rate: float = 0.5  # prune stage: chance per layer that a child swaps one kept expert
+    merge_rate: float = 0.1  # merge stage: fraction of entries of M and T a mutation moves
+    sigma: float = 0.1  # merge stage: standard deviation of that move
+    seed: int = 0
+    objective: str = "accuracy"
+    time_budget: float | None = None  # seconds for the whole search (checked after each generation)
+
+    def check(self) -> None:
+        if self.population < 2 or not 1 <= self.elite < self.population:
+            raise MoeShrinkError(
+                f"population must be at least 2 and elite in 1..population-1, got {self.population}/{self.elite}"
+            )
+        if self.prune_iterations < 1 or self.merge_iterations < 0:
+            raise MoeShrinkError(
+                "prune iterations must be at least 1 and merge iterations at least 0 (0: prune only)"
+            )
+        if self.sigma <= 0 or not 0 < self.merge_rate <= 1 or not 0 <= self.swap_rate <= 1:
+            raise MoeShrinkError("sigma must be > 0, merge-rate in (0, 1] and swap-rate in [0, 1]")
+
+
+@dataclass
+class Candidate:
+    """Per MoE layer: merge matrix M [K, E] and router transfer T [K, E] (float64)."""
+
+    merge: dict[int, torch.Tensor]
+    transfer: dict[int, torch.Tensor]
+    fitness: Fitness | None = None
+
+    @classmethod
+    def pruning(cls, kept: dict[int, list[int]], num_experts: int) -> Candidate:
+        """One-hot rows keeping ``kept[layer]`` (sorted, like :meth:`LayerPlan.keep`), T = M."""
+        merge = {}
+        for i, experts in kept.items():
+            m = torch.zeros(len(experts), num_experts, dtype=torch.float64)
+            m[torch.arange(len(experts)), torch.tensor(sorted(experts))] = 1.0
+            merge[i] = m
+        return cls(merge=merge, transfer={i: m.clone() for i, m in merge.items()})
+
+    def kept(self) -> dict[int, list[int]]:
+        return {i: one_hot_rows(m) for i, m in self.merge.items()}
+
+    def signature(self) -> str:
+        digest = hashlib.sha1()
+        for i, m in sorted(self.merge.items()):
+            digest.update(f"{i}:".encode() + m.numpy().tobytes() + self.transfer[i].numpy().tobytes())
+        return digest.hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "merge": {str(i): m.tolist() for i, m in self.merge.items()},
+            "transfer": {str(i): t.tolist() for i, t in self.transfer.items()},
+            "fitness": None if self.fitness is None else self.fitness.to_dict(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Candidate:
+        def tensors(d):
+            return {int(i): torch.tensor(v, dtype=torch.float64) for i, v in d.items()}
+
+        fitness = Fitness(**data["fitness"]) if data.get("fitness") else None
+        return cls(merge=tensors(data["merge"]), transfer=tensors(data["transfer"]), fitness=fitness)
+
+
+# -------------------------------------------------------------------------------------- operators
+
+
+def _generator(seed: int, stage: str, generation: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + (0 if stage == "prune" else 500_000) + generation)
+
+
+def _random_subset(num_experts: int, keep: int, gen: torch.Generator) -> list[int]:
+    return sorted(torch.randperm(num_experts, generator=gen)[:keep].tolist())
+
+
+def _tournament(population: list[Candidate], gen: torch.Generator) -> Candidate:
+    a, b = torch.randint(len(population), (2,), generator=gen).tolist()
+    return population[min(a, b)]  # the population is sorted best first
+
+
+def _prune_child(a: Candidate, b: Candidate, settings: EEPSettings, num_experts: int, gen) -> Candidate:
+    kept_a, kept_b = a.kept(), b.kept()
+    kept = {}
+    for i in kept_a:
+        chosen = list(kept_a[i] if torch.rand(1, generator=gen).item() < 0.5 else kept_b[i])
+        if torch.rand(1, generator=gen).item() < settings.swap_rate:
+            dropped = [j for j in range(num_experts) if j not in chosen]
+            if dropped:
+                out = int(torch.randint(len(chosen), (1,), generator=gen))
+                chosen[out] = dropped[int(torch.randint(len(dropped), (1,), generator=gen))]
+        kept[i] = sorted(chosen)
+    return Candidate.pruning(kept, num_experts)
+
+
+def _mutate_merge(c: Candidate, settings: EEPSettings, gen: torch.Generator) -> Candidate:
+    merge, transfer = {}, {}
+    for i in sorted(c.merge):
+        m, t = c.merge[i].clone(), c.transfer[i].clone()
+        for x in (m, t):
+            moved = torch.rand(x.shape, generator=gen, dtype=torch.float64) < settings.merge_rate
+            x += moved * torch.randn(x.shape, generator=gen, dtype=torch.float64) * settings.sigma
+        total = m.sum(1, keepdim=True)
+        m = torch.where(total.abs() > 1e-6, m / total, m)  # rows sum to 1: a weighted average of experts
+        empty = (t.clamp(min=0).sum(1) == 0).nonzero().flatten()
+        t = t.clamp(min=0)
+        t[empty] = c.transfer[i][empty]  # a row with no mass left keeps its parent's row
+        merge[i], transfer[i] = m, t
+    return Candidate(merge=merge, transfer=transfer)
+
+
+def _merge_child(a: Candidate, b: Candidate, settings: EEPSettings, gen: torch.Generator) -> Candidate:
+    merge, transfer = {}, {}
+    for i in sorted(a.merge):
+        take_b = torch.rand(a.merge[i].shape[0], generator=gen) < 0.5
+        merge[i] = torch.where(take_b[:, None], b.merge[i], a.merge[i])
+        transfer[i] = torch.where(take_b[:, None], b.transfer[i], a.transfer[i])
+    return _mutate_merge(Candidate(merge=merge, transfer=transfer), settings, gen)
+
+
+# ------------------------------------------------------------------------------------------ state
+
+
+@dataclass
+class SearchState:
+    """Everything a resumed search needs; written after every generation."""
+
+    settings: dict[str, Any]
+    identity: dict[str, Any]  # model fingerprint and fitness data hash: a state resumes only on these
+    stage: str = "prune"
+    generation: int = 0
+    population: list[Candidate] = field(default_factory=list)
+    best_prune: Candidate | None = None
+    best: Candidate | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: int = 0
+    seconds: float = 0.0
+    seen: dict[str, dict] = field(default_factory=dict)  # prune-stage fitness by candidate signature
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        data = {
+            "format": STATE_FORMAT,
+            "settings": self.settings,
+            "identity": self.identity,
+            "stage": self.stage,
+            "generation": self.generation,
+            "population": [c.to_json() for c in self.population],
+            "best_prune": self.best_prune.to_json() if self.best_prune else None,
+            "best": self.best.to_json() if self.best else None,
+            "history": self.history,
+            "evaluations": self.evaluations,
+            "seconds": self.seconds,
+            "seen": self.seen,
+        }
+        tmp = directory / (STATE_FILENAME + ".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, directory / STATE_FILENAME)
+
+    @classmethod
+    def load(cls, directory: Path) -> SearchState | None:
+        path = directory / STATE_FILENAME
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        if data.get("format") != STATE_FORMAT:
+            raise MoeShrinkError(f"{path} is not an EEP search state: remove it or pick another --state-dir")
+
+        def cand(d):
+            return Candidate.from_json(d) if d else None
+
+        return cls(
+            settings=data["settings"],
+            identity=data["identity"],
+            stage=data["stage"],
+            generation=data["generation"],
+            population=[Candidate.from_json(c) for c in data["population"]],
+            best_prune=cand(data["best_prune"]),
+            best=cand(data["best"]),
+            history=data["history"],
+            evaluations=data["evaluations"],
+            seconds=data["seconds"],
+            seen=data["seen"],
+        )
+
+
+# ----------------------------------------------------------------------------------------- search
+
+
+def _evaluate(population: list[Candidate], fitness: TaskFitness, top_k: int, state: SearchState) -> int:
+    """Score the unscored candidates; with torch.distributed each rank scores every world-th one."""
+    todo = [n for n, c in enumerate(population) if c.fitness is None and c.signature() not in state.seen]
+    mine = {}
+    for position, n in enumerate(todo):
+        if position % distributed.world_size() == distributed.rank():
+            c = population[n]
+            mine[n] = fitness.evaluate(c.merge, c.transfer, top_k).to_dict()
+    if distributed.is_active():
+        parts: list[dict] = [{} for _ in range(distributed.world_size())]
+        dist.all_gather_object(parts, mine)
+        mine = {n: f for part in parts for n, f in part.items()}
+    for n, c in enumerate(population):
+        if c.fitness is None:
+            c.fitness = Fitness(**(mine[n] if n in mine else state.seen[c.signature()]))
+            if state.stage == "prune":
+                state.seen[c.signature()] = c.fitness.to_dict()
+    return len(todo)
+
+
+def run_search(
+    fitness: TaskFitness,
+    settings: EEPSettings,
+    initial: dict[int, list[int]],
+    num_experts: int,
+    *,
+    state: SearchState,
+    state_dir: Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> SearchState:
+    """Run (or continue) the two stages until their iterations or the time budget are spent.
+
+    ``initial`` seeds the prune population (e.g. the most used experts per layer). ``stop_after``
+    ends this call after that many generations (the state stays resumable)."""
+    total = settings.prune_iterations + settings.merge_iterations
+    done_before = state.generation + (settings.prune_iterations if state.stage == "merge" else 0)
+    bar = tqdm(total=total, initial=done_before, desc="eep", unit="gen", disable=not progress)
+    generations = 0
+    while state.stage != "done":
+        if stop_after is not None and generations >= stop_after:
+            break
+        start = time.perf_counter()
+        gen = _generator(settings.seed, state.stage, state.generation)
+        if not state.population:
+            state.population = _initial_population(state, settings, initial, num_experts, gen)
+        evaluated = _evaluate(state.population, fitness, settings.top_k, state)
+        state.population.sort(key=lambda c: -c.fitness.value)  # stable: ties keep their order
+        leader = state.population[0]
+        if state.best is None or leader.fitness.value > state.best.fitness.value:
+            state.best = leader
+        if state.stage == "prune" and (
+            state.best_prune is None or leader.fitness.value > state.best_prune.fitness.value
+        ):
+            state.best_prune = leader
+        state.evaluations += evaluated
+        state.seconds += time.perf_counter() - start
+        state.history.append(
+            {
+                "stage": state.stage,
+                "generation": state.generation,
+                "evaluations": evaluated,
+                "best": state.best.fitness.to_dict(),
+                "seconds": state.seconds,
+            }
+        )
+        state.generation += 1
+        limit = settings.prune_iterations if state.stage == "prune" else settings.merge_iterations
+        out_of_time = settings.time_budget is not None and state.seconds >= settings.time_budget
+        if out_of_time:
+            state.stage = "done"
+        elif state.generation >= limit:
+            state.stage = "merge" if state.stage == "prune" and settings.merge_iterations > 0 else "done"
+            state.generation, state.population = 0, []
+        else:
+            state.population = _next_population(state, settings, num_experts, gen)
+        generations += 1
+        bar.update(1)
+        bar.set_postfix(best=f"{state.best.fitness.accuracy:.3f}/{state.best.fitness.nll:.3f}")
+        if state_dir is not None and distributed.rank() == 0:
+            state.save(state_dir)
+    bar.close()
+    distributed.barrier()
+    return state
+
+
+def _initial_population(
+    state: SearchState, settings: EEPSettings, initial: dict[int, list[int]], num_experts: int, gen
+) -> list[Candidate]:
+    if state.stage == "prune":
+        population = [Candidate.pruning(initial, num_experts)]
+        while len(population) < settings.population:
+            population.append(
+                Candidate.pruning(
+                    {i: _random_subset(num_experts, settings.keep, gen) for i in initial}, num_experts
+                )
+            )
+        return population
+    start = state.best_prune
+    population = [Candidate(start.merge, start.transfer, start.fitness)]
+    while len(population) < settings.population:
+        population.append(_mutate_merge(start, settings, gen))
+    return population
+
+
+def _next_population(state: SearchState, settings: EEPSettings, num_experts: int, gen) -> list[Candidate]:
+    population = state.population[: settings.elite]
+    signatures = {c.signature() for c in population}
+    attempts = 0
+    while len(population) < settings.population:
+        a, b = _tournament(state.population, gen), _tournament(state.population, gen)
+        if state.stage == "prune":
+            child = _prune_child(a, b, settings, num_experts, gen)
+            attempts += 1
+            if (child.signature() in signatures or child.signature() in state.seen) and attempts < 50:
+                continue  # already scored: draw another
+        else:
+            child = _merge_child(a, b, settings, gen)
+        signatures.add(child.signature())
+        population.append(child)
+    return population
+
+
+# ----------------------------------------------------------------------------------------- export
+
+
+def fold_router(
+    candidate: Candidate, fitness: TaskFitness, top_k: int
+) -> tuple[dict[int, torch.Tensor], list[LayerPlan]]:
+    """Layer plans with the transfer folded into standard router rows, and those rows as [K, E]
+    coefficient matrices. One-hot rows are plain copies; mixed rows are fitted on the router logits the
+    candidate's layers see on the fitness data."""
+    layers = fitness.working.layers
+    needs_fit = any(one_hot_rows(t) is None for t in candidate.transfer.values())
+    logits = fitness.record_logits(candidate.merge, candidate.transfer, top_k) if needs_fit else {}
+    coefficients, plans = {}, []
+    for i in sorted(candidate.merge):
+        m, t = candidate.merge[i], candidate.transfer[i]
+        c = torch.zeros_like(t)
+        experts = []
+        for row in range(m.shape[0]):
+            members = torch.nonzero(t[row]).flatten().tolist()
+            if len(members) == 1 and t[row, members[0]] == 1:
+                c[row, members[0]] = 1.0
+            else:
+                coeffs = logit_space_coefficients(layers[i], logits[i], members, t[row, members].tolist())
+                c[row, members] = torch.tensor(coeffs, dtype=c.dtype)
+            sources = sorted(set(torch.nonzero(m[row]).flatten().tolist()) | set(members))
+            kept = one_hot_rows(m[row : row + 1])
+            if kept is not None and kept == one_hot_rows(t[row : row + 1]):
+                experts.append(NewExpert.keep(kept[0]))
+            else:
+                experts.append(
+                    NewExpert(
+                        sources=sources,
+                        weights=[float(m[row, s]) for s in sources],
+                        router_weights=[float(c[row, s]) for s in sources],
+                    )
+                )
+        coefficients[i] = c
+        plans.append(LayerPlan(layer=i, num_experts_before=m.shape[1], experts=experts))
+    return coefficients, plans
+
+
+def fold_error(
+    candidate: Candidate,
+    coefficients: dict[int, torch.Tensor],
+    fitness: TaskFitness,
+    windows: torch.Tensor,
+    top_k: int,
+) -> dict[int, dict[str, float]]:
+    """Per MoE layer, on ``windows`` (held-out token windows) run through the exact-transfer model:
+    the share of tokens for which the folded router picks the same experts, and the mean total
+    variation distance between the two routers' weights over the K experts."""
+    working = fitness.working
+    working.compare = {i: (c, RoutingComparison()) for i, c in coefficients.items()}
+    try:
+        with working.applied(candidate.merge, candidate.transfer, top_k), torch.no_grad():
+            for start in range(0, windows.shape[0], 8):
+                fitness.model(input_ids=windows[start : start + 8])
+        return {i: acc.to_dict() for i, (_, acc) in working.compare.items()}
+    finally:
+        working.compare = None
+
+
+@dataclass
+class SearchResult:
+    """The searched plan, the exported model in memory and what the search cost."""
+
+    plan: ModelPlan
+    prune_plan: ModelPlan
+    model: Any
+    tokenizer: Any
+    state: SearchState
+    best: Candidate
+    best_prune: Candidate
+    fitness: TaskFitness
+    seconds: dict[str, float]
+    output: Path | None = None
+
+    @property
+    def evaluations_per_second(self) -> float:
+        return self.state.evaluations / max(self.state.seconds, 1e-9)
+
+
+def _check_family(config, adapter) -> None:
+    if isinstance(adapter, GroupedFamilyAdapter) and GroupedFamilyAdapter.num_groups(config) > 1:
+        raise MoeShrinkError(
+            f"{adapter.model_type} routes within expert groups, which the EEP router transfer does not "
+            "model yet: use a pruning method (moeshrink prune --method reap)"
+        )
+    if getattr(config, "topk_method", None) == "noaux_tc" or adapter.model_type == "deepseek_v3":
+        raise MoeShrinkError(
+            "deepseek_v3 routes with a score-correction bias, which the EEP router transfer does not model "
+            "yet: use a pruning method (moeshrink prune --method reap)"
+        )
+
+
+def search(
+    model: str | Path,
+    task: str | Path,
+    *,
+    keep: int,
+    top_k: int | None = None,
+    items: int = 100,
+    population: int = 8,
+    elite: int = 2,
+    prune_iterations: int = 10,
+    merge_iterations: int = 20,
+    sigma: float = 0.1,
+    merge_rate: float = 0.1,
+    swap_rate: float = 0.5,
+    seed: int = 0,
+    objective: str = "accuracy",
+    time_budget: float | None = None,
+    state_dir: str | Path | None = None,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    batch_size: int = 32,
+    dtype: str = "auto",
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """EEP on the checkpoint at ``model``: search with the first ``items`` items of ``task`` (a local
+    task name or multiple-choice JSONL) as fitness data, keep ``keep`` experts per MoE layer with
+    ``top_k`` active, and (with ``output``) export the best candidate with a standard router.
+
+    ``merge_iterations=0`` is the prune-only search. With ``state_dir`` the search resumes from the
+    state it finds there. Under torchrun every rank scores its slice of each generation."""
+    if output is not None:
+        check_output_dir(output, overwrite)
+    path = resolve_checkpoint(model)
+    config, adapter = load_config(path)
+    _check_family(config, adapter)
+    num_experts = adapter.num_experts(config)
+    top_k = int(top_k or config.num_experts_per_tok)
+    adapter.check_budget(config, keep, top_k)
+    settings = EEPSettings(
+        keep=keep,
+        top_k=top_k,
+        population=population,
+        elite=elite,
+        prune_iterations=prune_iterations,
+        merge_iterations=merge_iterations,
+        swap_rate=swap_rate,
+        merge_rate=merge_rate,
+        sigma=sigma,
+        seed=seed,
+        objective=objective,
+        time_budget=time_budget,
+    )
+    settings.check()
+    task_path = resolve_task(task)
+    task_items = read_items(task_path, 0, items)
+    if distributed.launched_distributed():
+        distributed.init_distributed("cpu")
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    loaded = load_model(path, dtype)
+    if loaded.tokenizer is None:
+        raise MoeShrinkError(f"{path} has no tokenizer files; the task items need the model's tokenizer")
+    model_, tokenizer = loaded.model, loaded.tokenizer
+    data = build_task_data(
+        tokenizer, task_items, {"files": [str(task_path)], "first_items": items, "seed": seed}
+    )
+    before = describe_model(model_, adapter)
+    fitness = TaskFitness(model_, adapter, data, objective=objective, batch_size=batch_size)
+    timings["prepare"] = time.perf_counter() - t
+
+    identity = {"fingerprint": checkpoint_fingerprint(path), "data": data.info["sha256"]}
+    directory = Path(state_dir) if state_dir is not None else None
+    state = SearchState.load(directory) if directory is not None else None
+    settings_dict = asdict(settings)
+    if state is not None:
+        if state.identity != identity or _budgetless(state.settings) != _budgetless(settings_dict):
+            raise MoeShrinkError(
+                f"{directory / STATE_FILENAME} belongs to another search (model, task data or settings "
+                "differ): pick another --state-dir or remove it"
+            )
+        state.settings = settings_dict
+    else:
+        state = SearchState(settings=settings_dict, identity=identity)
+
+    t = time.perf_counter()
+    usage = collect_layer_stats(model_, adapter, data.input_ids, frozenset({COUNTS}), progress=False)
+    initial = {
+        i: sorted(torch.argsort(s.counts, descending=True, stable=True)[:keep].tolist())
+        for i, s in usage.items()
+    }
+    state = run_search(
+        fitness,
+        settings,
+        initial,
+        num_experts,
+        state=state,
+        state_dir=directory,
+        progress=progress and distributed.rank() == 0,
+        stop_after=stop_after,
+    )
+    timings["search"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    best, best_prune = state.best, state.best_prune
+    source = {
+        "path": str(path.resolve()),
+        "model_type": adapter.model_type,
+        "num_experts": num_experts,
+        "top_k": int(config.num_experts_per_tok),
+        "fingerprint": identity["fingerprint"],
+    }
+
+    def plan_of(candidate: Candidate, label: str) -> ModelPlan:
+        _, layer_plans = fold_router(candidate, fitness, top_k)
+        return ModelPlan(
+            method="eep",
+            method_options=settings_dict
+            | {
+                "stage": label,
+                "fitness": candidate.fitness.to_dict(),
+                "evaluations": state.evaluations,
+                "search_seconds": round(state.seconds, 3),
+            },
+            budget={"keep": keep},
+            top_k=top_k,
+            source=source,
+            calibration=data.info | {"processes": distributed.world_size()},
+            versions=_versions(),
+            layers=layer_plans,
+        )
+
+    plan, prune_plan = plan_of(best, "prune+merge"), plan_of(best_prune, "prune")
+    fitness.working.restore()
+    apply_model_plan(model_, adapter, plan)
+    timings["fold"] = time.perf_counter() - t
+    result = SearchResult(
+        plan=plan,
+        prune_plan=prune_plan,
+        model=model_,
+        tokenizer=tokenizer,
+        state=state,
+        best=best,
+        best_prune=best_prune,
+        fitness=fitness,
+        seconds=timings,
+    )
+    if output is not None:
+        if distributed.rank() == 0:
+            after = describe_model(model_, adapter)
+            card = model_card(plan, before, after, Path(output).name)
+            export_checkpoint(
+                model_,
+                adapter,
+                plan,
+                output,
+                source=path,
+                tokenizer=tokenizer,
+                model_card=card,
+                overwrite=overwrite,
+            )
+        distributed.barrier()
+        result.output = Path(output)
+    return result
+
+
+def _budgetless(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings that must match for a state to resume (only the time budget may change)."""
+    return {k: v for k, v in settings.items() if k != "time_budget"}
+
+
+def _versions() -> dict[str, str]:
+    from moeshrink.pipeline import versions
+
+    return versions()

@@ -1,0 +1,397 @@
+"""Fitness of EEP candidates from inference only, on the resident model.
+
+A candidate gives every MoE layer a merge matrix ``M [K, E]`` (new expert i = sum_j M_ij * old expert
+j) and a router transfer ``T [K, E]`` (new expert i receives routing probability sum_j T_ij * p_j(x)).
+:class:`WorkingCopy` writes a candidate into the loaded model in place (the experts through the shared
+surgery, the router as the exact transfer over the untouched original router) and puts the original
+tensors back afterwards, so no candidate reloads anything. :class:`TaskFitness` scores a candidate on
+multiple-choice items (``{"context", "choices", "gold"}`` JSONL, as :mod:`moeshrink.evaluate.tasks`
+writes them) the way lm-eval's ``acc`` does, starting from cached inputs of the first MoE layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moeshrink.arch import FamilyAdapter, MoELayer
+from moeshrink.arch.routing import sigmoid_probabilities
+from moeshrink.calib.runner import _move, capture_layer_inputs, run_layer
+from moeshrink.errors import MoeShrinkError
+from moeshrink.evaluate.tasks import known_tasks
+from moeshrink.plan import LayerPlan, NewExpert
+from moeshrink.surgery import apply_layer_plan, set_top_k
+
+# Router logits kept per MoE layer when recording (for fitting the exported router rows).
+MAX_RECORDED_TOKENS = 16384
+
+
+# ----------------------------------------------------------------------------------- candidates
+
+
+def one_hot_rows(matrix: torch.Tensor) -> list[int] | None:
+    """The column of each row when every row is exactly one 1 and zeros elsewhere, else None."""
+    ones = (matrix == 1).sum(1) == 1
+    zeros = (matrix == 0).sum(1) == matrix.shape[1] - 1
+    if not bool((ones & zeros).all()):
+        return None
+    return matrix.argmax(1).tolist()
+
+
+def expert_rows(layer_index: int, merge: torch.Tensor) -> LayerPlan:
+    """The experts of a candidate layer as a plan (router rows left as the merge rows: the working copy
+    routes with the exact transfer, and export fits the router rows separately)."""
+    experts = []
+    for row in merge:
+        kept = one_hot_rows(row[None])
+        if kept is not None:
+            experts.append(NewExpert.keep(kept[0]))
+            continue
+        sources = torch.nonzero(row).flatten().tolist()
+        weights = [float(row[s]) for s in sources]
+        experts.append(NewExpert(sources=sources, weights=weights, router_weights=weights))
+    return LayerPlan(layer=layer_index, num_experts_before=merge.shape[1], experts=experts)
+
+
+def transfer_logits(layer: MoELayer, logits: torch.Tensor, transfer: torch.Tensor) -> torch.Tensor:
+    """Router logits [N, K] of the new experts under the exact transfer ``transfer [K, E]``.
+
+    Softmax routers: ``log sum_j T_ij exp(l_j)``, whose softmax over the K new experts is the
+    transferred probability renormalised (one-hot rows: the plain kept logit, so pruning is exact).
+    Sigmoid routers: the logit of ``sum_j T_ij sigmoid(l_j)``."""
+    kept = one_hot_rows(transfer)
+    if kept is not None:
+        return logits[:, kept].float()
+    t = transfer.to(device=logits.device, dtype=torch.float32)
+    if layer.probabilities is sigmoid_probabilities:
+        total = (torch.sigmoid(logits.float()) @ t.T).clamp(1e-6, 1 - 1e-6)
+        return torch.log(total) - torch.log1p(-total)
+    return torch.logsumexp(logits.float()[:, None, :] + t.log()[None], dim=-1)
+
+
+@dataclass
+class RoutingComparison:
+    """Exact router transfer vs the exported (folded) router, on the same layer inputs."""
+
+    tokens: int = 0
+    same_experts: int = 0  # tokens whose set of chosen experts is the same
+    total_variation: float = 0.0  # sum over tokens of 1/2 |w_exact - w_fold|_1 over the K experts
+
+    def to_dict(self) -> dict[str, float]:
+        n = max(self.tokens, 1)
+        return {
+            "tokens": self.tokens,
+            "same_experts": self.same_experts / n,
+            "total_variation": self.total_variation / n,
+        }
+
+
+def _dense(weights: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.zeros(weights.shape[0], k).scatter_add_(1, index.long(), weights.float())
+
+
+class WorkingCopy:
+    """Writes candidates into the resident model's MoE layers in place and restores the original.
+
+    The original expert and router tensors are kept (the model's own objects, no copies); a candidate
+    replaces a layer's expert tensors with merged ones and wraps its router: the original router
+    computes the E logits, the transfer turns them into K, the family's scoring rule routes them.
+    """
+
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter):
+        self.model, self.adapter = model, adapter
+        self.layers = {layer.index: layer for layer in adapter.moe_layers(model)}
+        self._saved = {
+            i: (
+                {s.name: layer.param(s.name) for s in layer.expert_tensors},
+                dict(layer.router_tensors()),
+                {
+                    m: getattr(m, "num_experts", None)
+                    for m in (layer.block, layer.router, layer.experts)
+                    if hasattr(m, "num_experts")
+                },
+                getattr(layer.router, "out_features", None),
+                layer.top_k,
+            )
+            for i, layer in self.layers.items()
+        }
+        self.valid: torch.Tensor | None = None  # [tokens] mask of real (unpadded) tokens when recording
+        self.recorded: dict[int, list[torch.Tensor]] = {}
+        self.compare: dict[int, tuple[torch.Tensor, RoutingComparison]] | None = None
+        self.active = False
+
+    def restore(self) -> None:
+        """Put the original tensors, expert counts, top-k and router back."""
+        for i, layer in self.layers.items():
+            experts, router, counts, out_features, top_k = self._saved[i]
+            for name, tensor in experts.items():
+                setattr(layer.experts, name, tensor)
+            for name, tensor in router.items():
+                if name in layer.router._buffers:
+                    layer.router._buffers[name] = tensor
+                else:
+                    setattr(layer.router, name, tensor)
+            for module, count in counts.items():
+                module.num_experts = count
+            if out_features is not None:
+                layer.router.out_features = out_features
+            layer.router.__dict__.pop("forward", None)
+            set_top_k(layer, top_k)
+        self.active = False
+
+    def apply(self, merge: dict[int, torch.Tensor], transfer: dict[int, torch.Tensor], top_k: int) -> None:
+        """Write a candidate (per MoE layer ``M``, ``T``) into the model, replacing any earlier one."""
+        self.restore()
+        for i, layer in self.layers.items():
+            _, router_tensors, _, out_features, _ = self._saved[i]
+            original = layer.router.forward
+            apply_layer_plan(layer, expert_rows(i, merge[i]))
+            for name, tensor in router_tensors.items():  # the router stays the original one
+                if name in layer.router._buffers:
+                    layer.router._buffers[name] = tensor
+                else:
+                    setattr(layer.router, name, tensor)
+            layer.router.num_experts = router_tensors["weight"].shape[0]
+            if out_features is not None:
+                layer.router.out_features = out_features
+            layer.router.forward = self._router_forward(layer, original, transfer[i], top_k)
+            set_top_k(layer, top_k)
+        self.active = True
+
+    def _router_forward(self, layer: MoELayer, original, transfer: torch.Tensor, top_k: int):
+        router = layer.router
+        full_top_k = self._saved[layer.index][4]
+
+        def forward(hidden_states):
+            router.top_k = full_top_k  # the original router scores all E experts
+            try:
+                logits, weights, _ = original(hidden_states)
+            finally:
+                router.top_k = top_k
+            new_logits = transfer_logits(layer, logits, transfer)
+            new_weights, new_index = layer.route(new_logits)
+            self._observe(layer.index, logits, new_weights, new_index, top_k)
+            return new_logits.to(logits.dtype), new_weights.to(weights.dtype), new_index
+
+        return forward
+
+    def _observe(self, index: int, logits, weights, chosen, top_k: int) -> None:
+        valid = self.valid if self.valid is not None else slice(None)
+        if index in self.recorded:
+            have = sum(t.shape[0] for t in self.recorded[index])
+            if have < MAX_RECORDED_TOKENS:
+                self.recorded[index].append(
+                    logits.detach()[valid].float().cpu()[: MAX_RECORDED_TOKENS - have]
+                )
+        if self.compare is not None and index in self.compare:
+            coefficients, acc = self.compare[index]
+            fold_logits = logits.float()[valid] @ coefficients.float().T
+            fold_weights, fold_index = self.layers[index].route(fold_logits)
+            k = coefficients.shape[0]
+            exact = _dense(weights[valid], chosen[valid], k)
+            fold = _dense(fold_weights, fold_index, k)
+            acc.tokens += exact.shape[0]
+            acc.same_experts += int(((exact > 0) == (fold > 0)).all(1).sum())
+            acc.total_variation += float(0.5 * (exact - fold).abs().sum())
+
+    @contextmanager
+    def applied(
+        self, merge: dict[int, torch.Tensor], transfer: dict[int, torch.Tensor], top_k: int
+    ) -> Iterator[None]:
+        self.apply(merge, transfer, top_k)
+        try:
+            yield
+        finally:
+            self.restore()
+
+
+# ------------------------------------------------------------------------------------ task data
+
+
+def resolve_task(task: str | Path) -> Path:
+    """A task JSONL path from a local task name (``moeshrink_wiki``) or a path."""
+    path = Path(task)
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise MoeShrinkError(f"task file not found: {path}")
+        return path
+    local = known_tasks()
+    if str(task) in local:
+        return local[str(task)]
+    raise MoeShrinkError(
+        f"unknown task {task!r}: give a multiple-choice JSONL file or one of {', '.join(local) or 'none'}"
+    )
+
+
+def read_items(path: Path, start: int = 0, stop: int | None = None) -> list[dict]:
+    """Items ``start:stop`` of a multiple-choice JSONL file (context, choices, gold)."""
+    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][start:stop]
+    if not items:
+        raise MoeShrinkError(f"{path}: no items in range {start}:{stop}; give a longer task file")
+    for n, item in enumerate(items):
+        if not {"context", "choices", "gold"} <= item.keys():
+            raise MoeShrinkError(f"{path}: item {start + n} lacks context/choices/gold")
+    return items
+
+
+@dataclass
+class TaskData:
+    """Multiple-choice items as right-padded sequences ``context + " " + choice``, one per choice."""
+
+    input_ids: torch.Tensor  # [N, L]
+    lengths: torch.Tensor  # [N] real tokens per sequence
+    starts: torch.Tensor  # [N] index of the first continuation token
+    gold: torch.Tensor  # [items]
+    choices: torch.Tensor  # [items] sequences per item (rows of input_ids in order)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def build_task_data(tokenizer, items: list[dict], info: dict | None = None) -> TaskData:
+    """Tokenise as lm-eval does for ``acc``: the continuation is ``tok(context + " " + choice)`` after
+    the tokens of ``tok(context)``."""
+    sequences, starts = [], []
+    for item in items:
+        context = tokenizer(item["context"], add_special_tokens=False)["input_ids"]
+        for choice in item["choices"]:
+            whole = tokenizer(item["context"] + " " + choice, add_special_tokens=False)["input_ids"]
+            if len(whole) <= len(context):
+                raise MoeShrinkError("a task choice tokenises to nothing: check the task file")
+            sequences.append(whole)
+            starts.append(max(len(context), 1))
+    longest = max(len(s) for s in sequences)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(sequences), longest), pad, dtype=torch.long)
+    for n, s in enumerate(sequences):
+        ids[n, : len(s)] = torch.tensor(s)
+    digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+    return TaskData(
+        input_ids=ids,
+        lengths=torch.tensor([len(s) for s in sequences]),
+        starts=torch.tensor(starts),
+        gold=torch.tensor([int(item["gold"]) for item in items]),
+        choices=torch.tensor([len(item["choices"]) for item in items]),
+        info=(info or {})
+        | {"items": len(items), "samples": len(sequences), "seq_len": longest, "sha256": digest},
+    )
+
+
+@dataclass(frozen=True)
+class Fitness:
+    """What one candidate scored: ``value`` (higher is better) is what the search maximises."""
+
+    value: float
+    accuracy: float
+    nll: float  # mean negative log-likelihood per gold-continuation token
+
+    def to_dict(self) -> dict[str, float]:
+        return {"value": self.value, "accuracy": self.accuracy, "nll": self.nll}
+
+
+OBJECTIVES = ("accuracy", "loss")
+
+
+class TaskFitness:
+    """Scores candidates on task items; the inputs of the first MoE layer are computed once."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: FamilyAdapter,
+        data: TaskData,
+        *,
+        objective: str = "accuracy",
+        batch_size: int = 32,
+    ):
+        if objective not in OBJECTIVES:
+            raise MoeShrinkError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        self.model, self.adapter, self.data, self.objective = model, adapter, data, objective
+        self.working = WorkingCopy(model, adapter)
+        self.first = min(self.working.layers)
+        self.batch_size = batch_size
+        device = next(model.parameters()).device
+        cached = capture_layer_inputs(model, adapter, data.input_ids, batch_size, device)
+        hidden = cached.hidden
+        layers = adapter.decoder_layers(model)
+        with torch.no_grad():
+            for i in range(self.first):  # dense layers before the first MoE layer never change
+                hidden = run_layer(layers[i], hidden, cached.layer_kwargs[i])
+        self.hidden, self.layer_kwargs = hidden, cached.layer_kwargs
+        positions = torch.arange(data.input_ids.shape[1])
+        self.valid = positions[None] < data.lengths[:, None]
+        # position t predicts token t + 1: continuation tokens are predicted from starts - 1 .. lengths - 2
+        self.scored = (positions[None] >= data.starts[:, None] - 1) & (
+            positions[None] < data.lengths[:, None] - 1
+        )
+        self.evaluations = 0
+
+    @torch.no_grad()
+    def sequence_logprobs(self) -> torch.Tensor:
+        """Sum of log-probabilities of each sequence's continuation, on the model as it is now."""
+        layers = self.adapter.decoder_layers(self.model)
+        norm, head = self.model.model.norm, self.model.get_output_embeddings()
+        device = next(self.model.parameters()).device
+        out = []
+        for b, states in enumerate(self.hidden):
+            rows = slice(b * self.batch_size, b * self.batch_size + states.shape[0])
+            self.working.valid = self.valid[rows].reshape(-1).to(device)
+            h = [states]
+            for i in range(self.first, len(layers)):
+                h = run_layer(layers[i], h, [_move(self.layer_kwargs[i][b], device)])
+            mask = self.scored[rows].to(device)
+            picked = norm(h[0])[mask]
+            logp = torch.log_softmax(head(picked).float(), dim=-1)
+            targets = self.data.input_ids[rows].to(device)[:, 1:][mask[:, :-1]]
+            token_logp = logp.gather(1, targets[:, None]).squeeze(1)
+            seq = torch.zeros(states.shape[0], device=device).index_add_(0, mask.nonzero()[:, 0], token_logp)
+            out.append(seq.cpu())
+        self.working.valid = None
+        return torch.cat(out)
+
+    def score(self, logprobs: torch.Tensor) -> Fitness:
+        data = self.data
+        offsets = torch.cumsum(data.choices, 0) - data.choices
+        correct, gold_logp = 0, 0.0
+        for n, (start, count) in enumerate(zip(offsets.tolist(), data.choices.tolist(), strict=True)):
+            scores = logprobs[start : start + count]
+            gold = int(data.gold[n])
+            correct += int(int(scores.argmax()) == gold)
+            gold_logp += float(scores[gold])
+        gold_rows = offsets + data.gold
+        gold_tokens = int((data.lengths - data.starts)[gold_rows].sum())
+        accuracy = correct / len(data.gold)
+        nll = -gold_logp / gold_tokens
+        # accuracy moves in steps of 1/items; the gold continuations' loss breaks its ties
+        value = accuracy - 1e-3 * nll if self.objective == "accuracy" else -nll
+        return Fitness(value=value, accuracy=accuracy, nll=nll)
+
+    def evaluate(
+        self, merge: dict[int, torch.Tensor], transfer: dict[int, torch.Tensor], top_k: int
+    ) -> Fitness:
+        """Fitness of one candidate (the model is left as it was)."""
+        with self.working.applied(merge, transfer, top_k):
+            logprobs = self.sequence_logprobs()
+        self.evaluations += 1
+        return self.score(logprobs)
+
+    def record_logits(
+        self, merge: dict[int, torch.Tensor], transfer: dict[int, torch.Tensor], top_k: int
+    ) -> dict[int, torch.Tensor]:
+        """The original router logits [tokens, E] each MoE layer sees under the candidate (real tokens)."""
+        self.working.recorded = {i: [] for i in self.working.layers}
+        try:
+            with self.working.applied(merge, transfer, top_k):
+                self.sequence_logprobs()
+            return {i: torch.cat(parts) for i, parts in self.working.recorded.items()}
+        finally:
+            self.working.recorded = {}
