@@ -184,6 +184,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from moeshrink.calib import distributed
+    from moeshrink.search import search
+
+    result = search(
+        args.model,
+        args.task,
+        keep=args.keep,
+        top_k=args.top_k,
+        items=args.items,
+        population=args.population,
+        prune_iterations=args.prune_iterations,
+        merge_iterations=args.merge_iterations,
+        seed=args.seed,
+        objective=args.objective,
+        time_budget=args.time_budget,
+        state_dir=args.state_dir,
+        output=args.output,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    if distributed.rank() == 0:
+        best, state = result.best.fitness, result.state
+        print(
+            f"eep: {args.keep} experts per layer, top-k {result.plan.top_k}; fitness accuracy {best.accuracy:.3f}, "
+            f"gold nll {best.nll:.3f}; {state.evaluations} evaluations in {state.seconds:.1f}s "
+            f"({result.evaluations_per_second:.2f}/s); wrote {result.output}"
+        )
+    return 0
+
+
 def _cmd_testbed(args: argparse.Namespace) -> int:
     from moeshrink.testbed import corpus, tokenizer, train
 
@@ -240,6 +271,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-limit", type=int, default=100, help="items per multiple-choice task (0 = all)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "search",
+        help="EEP: evolutionary prune-and-merge search scored on a task, exported with a standard router",
+    )
+    p.add_argument("model")
+    p.add_argument(
+        "--task", required=True, help="multiple-choice JSONL file or local task (moeshrink_<domain>)"
+    )
+    p.add_argument("--keep", type=int, required=True, help="experts kept per MoE layer")
+    p.add_argument("--top-k", type=int, help="active experts per token (default: unchanged)")
+    p.add_argument(
+        "--items", type=int, default=100, help="first task items used as fitness data (default 100)"
+    )
+    p.add_argument("--population", type=int, default=8)
+    p.add_argument("--prune-iterations", type=int, default=10, help="generations of the pruning stage")
+    p.add_argument(
+        "--merge-iterations", type=int, default=20, help="generations of the merging stage (0: prune only)"
+    )
+    p.add_argument("--objective", choices=["accuracy", "loss"], default="accuracy")
+    p.add_argument(
+        "--time-budget", type=float, help="seconds for the whole search (stops after a generation)"
+    )
+    p.add_argument("--state-dir", help="save the search state here after every generation; resume from it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("testbed", help="rebuild the testbed: corpus, tokenizer, or train the model")
     p.add_argument("step", choices=["corpus", "tokenizer", "train"])
