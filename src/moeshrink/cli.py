@@ -16,7 +16,9 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="expert-level method (see README; 'none' keeps every expert)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=int, help="experts kept per MoE layer")
-    budget.add_argument("--ratio", type=float, help="fraction of experts removed per layer")
+    budget.add_argument(
+        "--ratio", "--expert-ratio", type=float, dest="ratio", help="fraction of experts removed per layer"
+    )
     p.add_argument(
         "--calib", nargs="+", help="calibration text: .txt files, .jsonl files or a datasets directory"
     )
@@ -45,7 +47,20 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
         "--sparsity", type=float, help="also zero this fraction of weights inside the routed experts"
     )
     p.add_argument(
-        "--sparsity-method", choices=["wanda", "magnitude"], help="how weights are scored (default wanda)"
+        "--total-sparsity",
+        type=float,
+        help="instead: this fraction of the original in-scope weights gone, removed experts included "
+        "(STUN's budget; with --method stun --ratio R)",
+    )
+    p.add_argument(
+        "--sparsity-method",
+        choices=["wanda", "owl", "magnitude"],
+        help="wanda (default), owl (wanda scores, sparsity per layer from its outliers) or magnitude",
+    )
+    p.add_argument(
+        "--sparsity-scope",
+        help="what sparsity prunes: experts (default), attention, dense (shared experts, dense MLPs), "
+        "comma-separated, or all",
     )
     p.add_argument("--nm", help="N:M sparsity inside the experts instead, e.g. 2:4")
     p.add_argument(
@@ -54,6 +69,20 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
         const=True,
         help="share the experts kept (--keep per layer on average, or --ratio) over the layers by usage; "
         "the output then has per-layer expert counts",
+    )
+    stream = p.add_mutually_exclusive_group()
+    stream.add_argument(
+        "--stream",
+        action="store_const",
+        const=True,
+        help="read, prune and write one decoder layer at a time (memory: one layer plus the hidden states); "
+        "automatic when the checkpoint is over half the RAM",
+    )
+    stream.add_argument(
+        "--no-stream", dest="stream", action="store_const", const=False, help="load the whole model"
+    )
+    p.add_argument(
+        "--offload-hidden", metavar="DIR", help="keep the cached calibration hidden states in DIR, not in RAM"
     )
     p.add_argument(
         "--overwrite", action="store_const", const=True, help="replace an existing output directory"

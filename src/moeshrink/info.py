@@ -117,16 +117,21 @@ def describe_model(model: nn.Module, adapter: FamilyAdapter, dtype: torch.dtype 
     )
 
 
+def meta_model(config, adapter: FamilyAdapter) -> nn.Module:
+    """The model of ``config`` on the meta device: every shape, no memory, nothing loaded."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    resize_per_layer(model, adapter, config)
+    return model
+
+
 def inspect_model(path: str | Path) -> ModelInfo:
     """Describe a checkpoint from its config alone: the model is built on the meta device."""
     config, adapter = load_config(path)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    resize_per_layer(model, adapter, config)
-    info = describe_model(model, adapter, dtype)
+    info = describe_model(meta_model(config, adapter), adapter, dtype)
     info.path = str(path)
     info.file_bytes = sum(f.stat().st_size for f in weight_files(Path(path)))
     return info

@@ -16,10 +16,9 @@ import moeshrink
 from moeshrink.arch import FamilyAdapter, GroupedFamilyAdapter
 from moeshrink.calib import distributed
 from moeshrink.calib.data import build_calibration
-from moeshrink.calib.observers import COUNTS
-from moeshrink.calib.runner import collect_layer_stats, compress_layerwise
+from moeshrink.calib.runner import SparsifyStep, collect_layer_stats, compress_layerwise
 from moeshrink.errors import MoeShrinkError
-from moeshrink.info import ModelInfo, describe_model
+from moeshrink.info import ModelInfo, describe_model, meta_model
 from moeshrink.io.checkpoint import (
     checkpoint_fingerprint,
     load_config,
@@ -28,12 +27,28 @@ from moeshrink.io.checkpoint import (
     resolve_checkpoint,
 )
 from moeshrink.io.export import check_output_dir, export_checkpoint, load_plan
+from moeshrink.io.streaming import (
+    LayerStreamer,
+    ShardReader,
+    check_free_disk,
+    choose_streaming,
+    estimate_output_bytes,
+)
 from moeshrink.methods import LayerBudget, get_method
-from moeshrink.methods.budget import allocate_global
 from moeshrink.plan import ModelPlan
 from moeshrink.report.model_card import model_card
 from moeshrink.sparsity.accounting import SparsityReport, count_sparsity
-from moeshrink.sparsity.apply import SparsitySpec, sparsify_layer
+from moeshrink.sparsity.apply import (
+    SparsitySpec,
+    inside_sparsity,
+    layer_outlier_fraction,
+    parse_scope,
+    scope_nonzero,
+    scoped_linears,
+    scoped_weight_count,
+    sparsify_decoder_layer,
+)
+from moeshrink.sparsity.masks import owl_ratios, validate_sparsity
 from moeshrink.surgery import apply_model_plan, update_config
 
 
@@ -106,7 +121,11 @@ def prune(
     sparsity: float | None = None,
     sparsity_method: str = "wanda",
     nm: str | None = None,
+    sparsity_scope: str | Sequence[str] | None = None,
+    total_sparsity: float | None = None,
     global_budget: bool = False,
+    stream: bool | None = None,
+    offload_hidden: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> PruneResult:
@@ -114,10 +133,17 @@ def prune(
 
     Every input is checked before the weights are loaded: the family, the budget, the method, the
     calibration text and the output directory. ``sparsity`` (a fraction) or ``nm`` ("2:4") also zeroes
-    weights inside the surviving experts (Wanda by default, magnitude with ``sparsity_method``).
+    weights inside the surviving experts (``sparsity_method``: wanda by default, owl for per-layer
+    ratios, magnitude without data) and, with ``sparsity_scope``, in attention or dense linear layers.
+    ``total_sparsity`` instead asks for that fraction of the original in-scope weights to be gone,
+    removed experts included (STUN's phase 2 budget): the sparsity inside the survivors follows.
     Method ``none`` keeps every expert (to only sparsify, or only lower ``top_k``). With
     ``global_budget`` the experts kept (``keep`` per layer on average, or ``ratio``) are shared out over
     the layers by usage (:mod:`moeshrink.methods.budget`) and the output has per-layer counts.
+    With ``stream`` one decoder layer at a time is read from the shards, pruned and written
+    (:mod:`moeshrink.io.streaming`; ``None``: automatic for checkpoints over half the RAM), and the
+    returned model is a weightless skeleton; ``offload_hidden`` keeps the cached hidden states in
+    that directory instead of in memory.
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -136,7 +162,13 @@ def prune(
     else:
         keep = resolve_keep(num_experts, keep, ratio)
         adapter.check_budget(config, keep, top_k)
-    sparsify = SparsitySpec.parse(sparsity, sparsity_method, nm)
+    if total_sparsity is not None:
+        if sparsity is not None or nm:
+            raise MoeShrinkError("give either --total-sparsity or --sparsity / --nm, not both")
+        validate_sparsity(total_sparsity, "total sparsity")
+        sparsify = SparsitySpec(0.0, sparsity_method, scope=parse_scope(sparsity_scope))
+    else:
+        sparsify = SparsitySpec.parse(sparsity, sparsity_method, nm, sparsity_scope)
     if expert_method.name == "none" and sparsify is None and top_k == int(config.num_experts_per_tok):
         raise MoeShrinkError("method 'none' with no --sparsity, --nm or --top-k change would change nothing")
     device = _device(device)
@@ -149,7 +181,16 @@ def prune(
         raise MoeShrinkError(
             "a global budget shares out the experts kept: it needs a method other than 'none'"
         )
-    if expert_method.needs or (sparsify and sparsify.needs) or global_budget:
+    if total_sparsity is not None:  # fails here, before anything is loaded, if experts alone remove more
+        inside_sparsity(
+            meta_model(config, adapter),
+            adapter,
+            sparsify.scope,
+            _uniform(config, adapter, keep),
+            total_sparsity,
+        )
+    wants_data = sparsify is not None and sparsify.uses_wanda
+    if expert_method.needs or wants_data or global_budget:
         if not calib:
             raise MoeShrinkError(
                 f"method '{expert_method.name}'{' with a global budget' if global_budget else ''} needs calibration "
@@ -159,10 +200,28 @@ def prune(
             raise MoeShrinkError(f"{path} has no tokenizer files; calibration needs the model's tokenizer")
         paths = [calib] if isinstance(calib, (str, Path)) else list(calib)
         calibration = build_calibration(tokenizer, paths, samples, seq_len, seed, calib_field)
+    reader = ShardReader(path)  # every shard present and complete, before anything is written
+    if output is not None:
+        check_free_disk(output, estimate_output_bytes(reader, adapter, config, keep))
+    stream = choose_streaming(
+        stream,
+        reader,
+        output,
+        {
+            "sparsity": sparsify is not None,
+            "global budgets": global_budget,
+            "torchrun": distributed.world_size() > 1,
+        },
+    )
     timings["prepare"] = time.perf_counter() - start
 
     t = time.perf_counter()
-    loaded = load_model(path, dtype, tokenizer=tokenizer, device=device)
+    streamer = LayerStreamer(path, dtype, output=output, overwrite=overwrite) if stream else None
+    loaded = (
+        streamer.as_loaded(tokenizer)
+        if streamer
+        else load_model(path, dtype, tokenizer=tokenizer, device=device)
+    )
     timings["load"] = time.perf_counter() - t
     before = describe_model(loaded.model, adapter)
 
@@ -176,15 +235,21 @@ def prune(
             loaded.model,
             adapter,
             input_ids,
-            frozenset({COUNTS}),
+            expert_method.global_needs,
             device=device,
             batch_size=batch_size,
             progress=progress and distributed.rank() == 0,
         )
         minimum = max(top_k, 2 * groups if groups > 1 else top_k)
-        per_layer = allocate_global(
-            {i: s.counts for i, s in usage.items()}, keep * len(moe_layers), minimum, groups
+        layers_by_index = {m.index: m for m in adapter.moe_layers(loaded.model)}
+        per_layer = expert_method.allocate_global(
+            layers_by_index, usage, keep * len(moe_layers), minimum, groups
         )
+    sparsity_done: dict[int, dict] = {}
+    accounting = None
+    if sparsify is not None and total_sparsity is not None:
+        inside, accounting = inside_sparsity(loaded.model, adapter, sparsify.scope, per_layer, total_sparsity)
+        sparsify = sparsify.with_sparsity(inside)
     layer_plans = compress_layerwise(
         loaded.model,
         adapter,
@@ -198,9 +263,27 @@ def prune(
         batch_size=batch_size,
         error_propagation=error_propagation,
         progress=progress and distributed.rank() == 0,
-        sparsify_layer=(lambda layer, stats: sparsify_layer(layer, stats, sparsify)) if sparsify else None,
-        sparsify_needs=sparsify.needs if sparsify else frozenset(),
+        sparsify=_sparsify_step(sparsify, sparsity_done) if sparsify and sparsify.method != "owl" else None,
+        layer_hooks=streamer,
+        offload_hidden=offload_hidden,
     )
+    if sparsify is not None and sparsify.method == "owl":
+        ratios = owl_layer_ratios(loaded.model, adapter, input_ids, sparsify, device, batch_size)
+        compress_layerwise(
+            loaded.model,
+            adapter,
+            input_ids,
+            None,
+            frozenset(),
+            top_k,
+            device=device,
+            batch_size=batch_size,
+            error_propagation=error_propagation,
+            progress=progress and distributed.rank() == 0,
+            sparsify=_sparsify_step(sparsify, sparsity_done, ratios),
+        )
+    for lp in layer_plans:
+        lp.sparsity = sparsity_done.pop(lp.layer, None)
     update_config(loaded.model, adapter, {lp.layer: lp.num_experts_after for lp in layer_plans}, top_k)
     timings["compress"] = time.perf_counter() - t
 
@@ -219,7 +302,7 @@ def prune(
         | {"error_propagation": error_propagation, "processes": distributed.world_size()}
         if calibration
         else None,
-        sparsity=sparsify.to_dict() | {"scope": "routed experts"} if sparsify else None,
+        sparsity=_sparsity_summary(sparsify, total_sparsity, accounting, sparsity_done) if sparsify else None,
         versions=versions(),
         layers=layer_plans,
     )
@@ -227,16 +310,90 @@ def prune(
     result = PruneResult(plan=plan, model=loaded.model, tokenizer=tokenizer, before=before, after=after)
     if sparsify:
         result.sparsity = count_sparsity(loaded.model)
+        if total_sparsity is not None:
+            remaining = scope_nonzero(loaded.model, adapter, sparsify.scope)
+            plan.sparsity["total_sparsity_achieved"] = 1 - remaining / accounting["scope_weights"]
     if output is not None:
         t = time.perf_counter()
         if distributed.rank() == 0:  # every rank holds the same compressed model; one writes it
-            result.output = _export(result, adapter, path, output, overwrite)
+            result.output = _export(result, adapter, path, output, overwrite, streamer)
         distributed.barrier()
         result.output = Path(output)
         timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - start
     result.seconds = timings
     return result
+
+
+def _uniform(config, adapter: FamilyAdapter, keep: int) -> dict[int, int]:
+    return dict.fromkeys(range(int(config.num_hidden_layers)), keep)
+
+
+def _sparsify_step(
+    spec: SparsitySpec, done: dict[int, dict], ratios: dict[int, float] | None = None
+) -> SparsifyStep:
+    """The runner step that sparsifies each layer by ``spec`` (at ``ratios[layer]`` when given, OWL)
+    and records what it did in ``done``."""
+
+    def apply(index, decoder_layer, moe, stats, linear_norms) -> None:
+        layer_spec = spec.with_sparsity(ratios.get(index, spec.sparsity)) if ratios is not None else spec
+        done[index] = sparsify_decoder_layer(decoder_layer, moe, stats, linear_norms, layer_spec)
+
+    return SparsifyStep(
+        apply=apply,
+        needs=spec.needs,
+        linears=(lambda layer, moe: scoped_linears(layer, moe, spec.scope) if spec.uses_wanda else {}),
+        dense_layers=spec.covers_linears,
+    )
+
+
+def owl_layer_ratios(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    input_ids: torch.Tensor,
+    spec: SparsitySpec,
+    device: str,
+    batch_size: int,
+) -> dict[int, float]:
+    """OWL's sparsity per decoder layer from the outlier fraction of each layer's Wanda scores (one
+    statistics pass, nothing changed), weighted so the in-scope weights overall reach ``spec.sparsity``."""
+    fractions: dict[int, float] = {}
+    sizes: dict[int, int] = {}
+
+    def measure(index, decoder_layer, moe, stats, linear_norms) -> None:
+        fractions[index] = layer_outlier_fraction(decoder_layer, moe, stats, linear_norms, spec)
+        sizes[index] = scoped_weight_count(decoder_layer, moe, spec.scope)
+
+    step = _sparsify_step(spec, {})
+    step.apply = measure
+    compress_layerwise(
+        model,
+        adapter,
+        input_ids,
+        None,
+        frozenset(),
+        0,
+        device=device,
+        batch_size=batch_size,
+        progress=False,
+        sparsify=step,
+    )
+    layers = sorted(i for i in fractions if sizes[i])
+    ratios = owl_ratios([fractions[i] for i in layers], spec.sparsity, spec.owl_lambda)
+    weight = torch.tensor([float(sizes[i]) for i in layers], dtype=torch.float64)
+    shift = spec.sparsity - float((torch.tensor(ratios, dtype=torch.float64) * weight).sum() / weight.sum())
+    return {i: min(max(r + shift, 0.0), 1 - 1e-9) for i, r in zip(layers, ratios, strict=True)}
+
+
+def _sparsity_summary(
+    spec: SparsitySpec, total: float | None, accounting: dict | None, done: dict[int, dict]
+) -> dict[str, Any]:
+    summary = spec.to_dict()
+    if total is not None:
+        summary |= accounting
+    if done:  # decoder layers without routed experts that were sparsified too
+        summary["dense_layers"] = {str(i): d for i, d in sorted(done.items())}
+    return summary
 
 
 def _source(path: Path, adapter: FamilyAdapter, num_experts: int, top_k: int) -> dict[str, Any]:
@@ -250,9 +407,16 @@ def _source(path: Path, adapter: FamilyAdapter, num_experts: int, top_k: int) ->
 
 
 def _export(
-    result: PruneResult, adapter: FamilyAdapter, source: Path, output: str | Path, overwrite: bool
+    result: PruneResult,
+    adapter: FamilyAdapter,
+    source: Path,
+    output: str | Path,
+    overwrite: bool,
+    streamer: LayerStreamer | None = None,
 ) -> Path:
     card = model_card(result.plan, result.before, result.after, Path(output).name, result.sparsity)
+    if streamer is not None:  # the layers are written already
+        return streamer.commit(result.plan, tokenizer=result.tokenizer, model_card=card)
     return export_checkpoint(
         result.model,
         adapter,

@@ -64,6 +64,9 @@ class LayerPlan(BaseModel):
     experts: list[NewExpert]
     scores: list[float] | None = None
     sparsity: dict[str, Any] | None = None
+    details: dict[str, Any] | None = Field(
+        default=None, description="what the method did in this layer beyond the result (e.g. its search cost)"
+    )
     _refit_tensors: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
 
     @property

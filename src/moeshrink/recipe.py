@@ -12,9 +12,11 @@ steps:
 ```
 
 Step kinds: ``experts`` (an expert-level method and its budget; at most one), ``top_k`` (the
-active experts per token after compression) and ``sparsify`` (``sparsity`` or ``nm`` inside the
-surviving experts, ``method`` wanda or magnitude). Top-level ``method``/``keep``/``ratio``/``top_k`` are
-a shorthand for the same steps.
+active experts per token after compression), ``sparsify`` (``sparsity``, ``total_sparsity`` or ``nm``,
+``method`` wanda, owl or magnitude, ``scope`` experts/attention/dense/all) and ``stun`` (STUN's two
+phases: ``{expert_ratio: 0.25, total_sparsity: 0.55, sparsity_method: wanda}``, in place of an
+``experts`` step). Top-level fields (``method``, ``keep``, ``ratio``, ``top_k``, ...) are a shorthand
+for the same steps.
 """
 
 from __future__ import annotations
@@ -39,8 +41,20 @@ class ExpertStep(BaseModel):
 class SparsifyStep(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sparsity: float | None = None
+    total_sparsity: float | None = None
     method: str = "wanda"
     nm: str | None = None
+    scope: str | list[str] | None = None
+
+
+class StunStep(BaseModel):
+    """STUN in one step: expert pruning (phase 1) then Wanda/OWL up to a total sparsity (phase 2)."""
+
+    model_config = ConfigDict(extra="forbid")
+    expert_ratio: float
+    total_sparsity: float | None = None
+    sparsity_method: str = "wanda"
+    options: dict[str, Any] = {}
 
 
 class Step(BaseModel):
@@ -50,11 +64,12 @@ class Step(BaseModel):
     experts: ExpertStep | None = None
     top_k: int | None = None
     sparsify: SparsifyStep | None = None
+    stun: StunStep | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Step:
-        if sum(v is not None for v in (self.experts, self.top_k, self.sparsify)) != 1:
-            raise ValueError("each step has exactly one kind: 'experts', 'top_k' or 'sparsify'")
+        if sum(v is not None for v in (self.experts, self.top_k, self.sparsify, self.stun)) != 1:
+            raise ValueError("each step has exactly one kind: 'experts', 'top_k', 'sparsify' or 'stun'")
         return self
 
 
@@ -79,15 +94,24 @@ class Recipe(BaseModel):
     sparsity: float | None = None
     sparsity_method: str = "wanda"
     nm: str | None = None
+    sparsity_scope: str | list[str] | None = None
+    total_sparsity: float | None = None
     global_budget: bool = False
+    stream: bool | None = None
+    offload_hidden: str | None = None
     overwrite: bool = False
     steps: list[Step] = []
 
     @model_validator(mode="after")
     def _fold_steps(self) -> Recipe:
         expert_steps = [s.experts for s in self.steps if s.experts is not None]
+        expert_steps += [
+            ExpertStep(method="stun", ratio=s.stun.expert_ratio, options=s.stun.options)
+            for s in self.steps
+            if s.stun is not None
+        ]
         if len(expert_steps) > 1:
-            raise ValueError("only one 'experts' step is supported per recipe")
+            raise ValueError("only one 'experts' (or 'stun') step is supported per recipe")
         if expert_steps:
             if self.method is not None:
                 raise ValueError("give the method either at the top level or in an 'experts' step, not both")
@@ -107,6 +131,9 @@ class Recipe(BaseModel):
                     s.sparsify.method,
                     s.sparsify.nm,
                 )
+                self.sparsity_scope, self.total_sparsity = s.sparsify.scope, s.sparsify.total_sparsity
+            if s.stun is not None:
+                self.total_sparsity, self.sparsity_method = s.stun.total_sparsity, s.stun.sparsity_method
         self.steps = []
         return self
 

@@ -119,6 +119,21 @@ def reduce_stats(stats: LayerStats, max_sample_tokens: int) -> None:
         setattr(stats, name, None if gathered is None else gathered[:max_sample_tokens])
 
 
+def reduce_sums(sums: dict[str, torch.Tensor]) -> None:
+    """All-reduce named sums in place (every rank holds the same names); a no-op in a single process."""
+    if not is_active():
+        return
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+    for name in sorted(sums):
+        reduced = sums[name].to(device).clone()
+        dist.all_reduce(reduced)
+        sums[name] = reduced.to(sums[name].device)
+
+
 def barrier() -> None:
     if is_active():
         dist.barrier()

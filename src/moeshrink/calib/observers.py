@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from moeshrink.arch import MoELayer
 
@@ -157,3 +158,31 @@ class LayerObserver:
         zeros = torch.zeros(n, dtype=torch.float64, device=norms.device)
         s.norm_sum = _add(s.norm_sum, zeros.index_add(0, flat_index, norms))
         s.gated_norm_sum = _add(s.gated_norm_sum, zeros.index_add(0, flat_index, gates * norms))
+
+
+class LinearInputObserver:
+    """Pre-hooks on plain linear layers that sum each input feature squared over every token (the
+    input norms Wanda needs for attention projections, shared experts and dense MLPs)."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+        self.sq_norms: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> LinearInputObserver:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _make_hook(self, name: str):
+        @torch.no_grad()
+        def hook(module, args) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            self.sq_norms[name] = _add(self.sq_norms.get(name), x.pow(2).sum(0))
+
+        return hook

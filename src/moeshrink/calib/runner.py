@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from moeshrink.arch import FamilyAdapter, MoELayer
-from moeshrink.calib.distributed import reduce_stats
-from moeshrink.calib.observers import LayerObserver, LayerStats
+from moeshrink.calib.distributed import reduce_stats, reduce_sums
+from moeshrink.calib.observers import LayerObserver, LayerStats, LinearInputObserver
+from moeshrink.calib.offload import LayerHooks, SpilledBatches
 from moeshrink.plan import LayerPlan
 from moeshrink.surgery import set_top_k
 
@@ -43,13 +45,19 @@ def _move(value, device):
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, adapter: FamilyAdapter, input_ids: torch.Tensor, batch_size: int, device: torch.device
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    input_ids: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    hidden_store: SpilledBatches | None = None,
 ) -> LayerInputs:
-    """Run the embedding and record what every decoder layer is called with, without running the layers."""
+    """Run the embedding and record what every decoder layer is called with, without running the layers
+    (the first layer's hidden states go to ``hidden_store`` when given, e.g. spilled to disk)."""
     layers = adapter.decoder_layers(model)
     base = model.model
     records: list[list[dict]] = [[] for _ in layers]
-    hidden: list[torch.Tensor] = []
+    hidden: list[torch.Tensor] | SpilledBatches = [] if hidden_store is None else hidden_store
 
     def make_hook(i: int):
         def hook(module, args, kwargs):
@@ -86,8 +94,8 @@ def capture_layer_inputs(
 
 @torch.no_grad()
 def run_layer(decoder_layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    """The layer's outputs for every cached batch."""
-    outputs = []
+    """The layer's outputs for every cached batch (spilled to disk when the inputs are)."""
+    outputs = hidden.empty_like() if isinstance(hidden, SpilledBatches) else []
     for states, kw in zip(hidden, kwargs, strict=True):
         out = decoder_layer(states, **kw)
         outputs.append(out[0] if isinstance(out, tuple) else out)
@@ -96,8 +104,53 @@ def run_layer(decoder_layer: nn.Module, hidden: list[torch.Tensor], kwargs: list
 
 # Plans one MoE layer from its statistics and applies the plan to it; returns the plan.
 CompressLayer = Callable[[MoELayer, "LayerStats | None"], LayerPlan]
-# Zeroes weights inside the (compressed) layer's experts from fresh statistics; returns what it did.
-SparsifyLayer = Callable[[MoELayer, "LayerStats | None"], dict]
+
+
+def _no_linears(decoder_layer: nn.Module, moe: MoELayer | None) -> dict[str, nn.Module]:
+    return {}
+
+
+@dataclass
+class SparsifyStep:
+    """Weight sparsification of each decoder layer, run right after its experts are compressed.
+
+    ``apply(index, decoder_layer, moe, stats, linear_norms)`` prunes in place (and records what it
+    did itself). ``needs`` are the MoE statistics it reads; ``linears``
+    names the plain linear layers whose input norms it reads (``{}``: none). With ``dense_layers`` the
+    decoder layers without routed experts are visited too (``moe`` is then None).
+    """
+
+    apply: Callable[[int, nn.Module, MoELayer | None, LayerStats | None, dict[str, torch.Tensor]], None]
+    needs: frozenset[str] = frozenset()
+    linears: Callable[[nn.Module, MoELayer | None], dict[str, nn.Module]] = _no_linears
+    dense_layers: bool = False
+
+
+def _sparsify(
+    step: SparsifyStep,
+    index: int,
+    decoder_layer: nn.Module,
+    moe: MoELayer | None,
+    data: tuple[list[torch.Tensor], list[dict]] | None,
+) -> None:
+    """Collect what ``step`` needs by running the layer over ``data`` (if any), then apply it."""
+    linears = step.linears(decoder_layer, moe)
+    needs = step.needs if moe is not None else frozenset()
+    if data is None or (not needs and not linears):
+        step.apply(index, decoder_layer, moe, None, {})
+        return
+    linear_observer = LinearInputObserver(linears)
+    if moe is not None:
+        with LayerObserver(moe, needs) as observer, linear_observer:
+            run_layer(decoder_layer, *data)
+        reduce_stats(observer.stats, observer.max_sample_tokens)
+        stats = observer.stats
+    else:
+        with linear_observer:
+            run_layer(decoder_layer, *data)
+        stats = None
+    reduce_sums(linear_observer.sq_norms)
+    step.apply(index, decoder_layer, moe, stats, linear_observer.sq_norms)
 
 
 @torch.no_grad()
@@ -105,7 +158,7 @@ def compress_layerwise(
     model: nn.Module,
     adapter: FamilyAdapter,
     input_ids: torch.Tensor | None,
-    compress_layer: CompressLayer,
+    compress_layer: CompressLayer | None,
     needs: frozenset[str],
     top_k: int,
     *,
@@ -113,54 +166,77 @@ def compress_layerwise(
     batch_size: int = 8,
     error_propagation: bool = True,
     progress: bool = True,
-    sparsify_layer: SparsifyLayer | None = None,
-    sparsify_needs: frozenset[str] = frozenset(),
+    sparsify: SparsifyStep | None = None,
+    layer_hooks: LayerHooks | None = None,
+    offload_hidden: str | Path | None = None,
 ) -> list[LayerPlan]:
-    """Compress every MoE layer in order with ``compress_layer``, then (optionally) sparsify inside
-    its experts with statistics of the compressed layer; returns the layer plans.
-
-    With no statistics needed at all no forward pass is made.
-    """
+    """Compress every MoE layer in order with ``compress_layer`` (None: leave the experts as they are),
+    then (optionally) sparsify the layer with statistics of its compressed form; returns the layer
+    plans. With no statistics needed at all no forward pass is made."""
     device = torch.device(device)
     layers = adapter.decoder_layers(model)
     moe_by_index = {m.index: m for m in adapter.moe_layers(model)}
     plans: list[LayerPlan] = []
-    if (not needs and not sparsify_needs) or input_ids is None:
-        for moe in moe_by_index.values():
-            plans.append(compress_layer(moe, None))
-            set_top_k(moe, top_k)
-            if sparsify_layer is not None:
-                plans[-1].sparsity = sparsify_layer(moe, None)
+    visit_dense = sparsify is not None and sparsify.dense_layers
+    last = len(layers) - 1 if visit_dense else max(moe_by_index)
+
+    def compress(moe: MoELayer, stats: LayerStats | None) -> None:
+        if compress_layer is not None:
+            plans.append(compress_layer(moe, stats))
+        set_top_k(moe, top_k)
+
+    sparsify_wants_data = sparsify is not None and (
+        bool(sparsify.needs)
+        or any(sparsify.linears(layer, moe_by_index.get(i)) for i, layer in enumerate(layers))
+    )
+    if (not needs and not sparsify_wants_data) or input_ids is None:
+        for index, decoder_layer in enumerate(layers[: last + 1]):
+            moe = moe_by_index.get(index)
+            if layer_hooks is not None:
+                layer_hooks.load(index, decoder_layer)
+            if moe is not None:
+                compress(moe, None)
+            if sparsify is not None and (moe is not None or visit_dense):
+                _sparsify(sparsify, index, decoder_layer, moe, None)
+            if layer_hooks is not None:
+                layer_hooks.release(index, decoder_layer)
         return plans
 
     home = next(model.parameters()).device
-    cached = capture_layer_inputs(model, adapter, input_ids, batch_size, device)
+    store = None if offload_hidden is None else SpilledBatches(offload_hidden, device)
+    cached = capture_layer_inputs(model, adapter, input_ids, batch_size, device, store)
     hidden = cached.hidden
-    last_moe = max(moe_by_index)
     bar = tqdm(list(enumerate(layers)), desc="calibrate+compress", unit="layer", disable=not progress)
     for index, decoder_layer in bar:
-        if index > last_moe:
+        if index > last:
             break
+        if layer_hooks is not None:
+            layer_hooks.load(index, decoder_layer)
         decoder_layer.to(device)
         kwargs = [_move(kw, device) for kw in cached.layer_kwargs[index]]
         moe = moe_by_index.get(index)
-        if moe is None:
-            hidden = run_layer(decoder_layer, hidden, kwargs)
-        else:
+        outputs = None  # the layer's outputs before it is changed
+        stats = None
+        if moe is not None and needs:
             with LayerObserver(moe, needs) as observer:
                 outputs = run_layer(decoder_layer, hidden, kwargs)
             reduce_stats(observer.stats, observer.max_sample_tokens)
-            plans.append(compress_layer(moe, observer.stats))
-            set_top_k(moe, top_k)
-            if sparsify_layer is not None:
-                with LayerObserver(moe, sparsify_needs) as observer:
-                    if sparsify_needs:
-                        run_layer(decoder_layer, hidden, kwargs)
-                reduce_stats(observer.stats, observer.max_sample_tokens)
-                plans[-1].sparsity = sparsify_layer(moe, observer.stats if sparsify_needs else None)
-            if index < last_moe:
-                hidden = run_layer(decoder_layer, hidden, kwargs) if error_propagation else outputs
+            stats = observer.stats
+        elif not error_propagation:
+            outputs = run_layer(decoder_layer, hidden, kwargs)
+        if moe is not None:
+            compress(moe, stats)
+        sparsified = sparsify is not None and (moe is not None or visit_dense)
+        if sparsified:
+            _sparsify(sparsify, index, decoder_layer, moe, (hidden, kwargs))
+        if index < last:
+            changed = sparsified or (moe is not None and compress_layer is not None)
+            if outputs is None or (error_propagation and changed):
+                outputs = run_layer(decoder_layer, hidden, kwargs)
+            hidden = outputs
         decoder_layer.to(home)
+        if layer_hooks is not None:
+            layer_hooks.release(index, decoder_layer)
     return plans
 
 

@@ -11,9 +11,11 @@ from moeshrink.methods.frequency import FrequencyPruning
 from moeshrink.methods.hcsmoe import HCSMoE
 from moeshrink.methods.keep_all import KeepAll
 from moeshrink.methods.msmoe import MSMoE
+from moeshrink.methods.naee import NAEEPruning
 from moeshrink.methods.random import RandomPruning
 from moeshrink.methods.reap import REAPPruning
 from moeshrink.methods.soft_activation import SoftActivationPruning
+from moeshrink.methods.stun import STUN
 from moeshrink.methods.uncurl import UNCURL
 
 METHODS: dict[str, type[ExpertMethod]] = {
@@ -24,9 +26,11 @@ METHODS: dict[str, type[ExpertMethod]] = {
         SoftActivationPruning,
         EANPruning,
         REAPPruning,
+        NAEEPruning,
         MSMoE,
         HCSMoE,
         UNCURL,
+        STUN,
     )
 }
 

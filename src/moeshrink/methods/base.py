@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 import torch
 
 from moeshrink.arch import MoELayer
-from moeshrink.calib.observers import LayerStats
+from moeshrink.calib.observers import COUNTS, LayerStats
+from moeshrink.methods.budget import allocate_global
 from moeshrink.plan import LayerPlan
 from moeshrink.surgery import apply_layer_plan
 
@@ -29,6 +30,8 @@ class ExpertMethod(ABC):
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
+    # Statistics of the unmodified model read by allocate_global (one pass before compression).
+    global_needs: ClassVar[frozenset[str]] = frozenset({COUNTS})
 
     def __init__(self, seed: int = 0, **options: Any):
         if options:
@@ -43,6 +46,13 @@ class ExpertMethod(ABC):
     @abstractmethod
     def plan_layer(self, layer: MoELayer, stats: LayerStats | None, budget: LayerBudget) -> LayerPlan:
         """Decide the new experts of ``layer``."""
+
+    def allocate_global(
+        self, layers: dict[int, MoELayer], stats: dict[int, LayerStats], total: int, minimum: int, groups: int
+    ) -> dict[int, int]:
+        """Experts kept per layer under a global budget of ``total``: by default shared out by usage
+        (:func:`moeshrink.methods.budget.allocate_global`); ``stats`` holds ``global_needs``."""
+        return allocate_global({i: s.counts for i, s in stats.items()}, total, minimum, groups)
 
     def compress(self, layer: MoELayer, stats: LayerStats | None, budget: LayerBudget) -> LayerPlan:
         """Plan ``layer`` and apply the plan (a method that refines weights after surgery extends this)."""

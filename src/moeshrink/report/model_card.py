@@ -35,15 +35,26 @@ def model_card(
     ]
     if sparsity is not None:
         spec = plan.sparsity or {}
-        pattern = (
-            f"{spec['nm'][0]}:{spec['nm'][1]}" if spec.get("nm") else f"{spec.get('sparsity', 0):.0%} per row"
-        )
+        if spec.get("nm"):
+            pattern = f"{spec['nm'][0]}:{spec['nm'][1]}"
+        elif spec.get("method") == "owl":
+            pattern = f"a sparsity per layer from its outliers, {spec.get('sparsity', 0):.1%} on average"
+        else:
+            pattern = f"{spec.get('sparsity', 0):.1%} per row"
+        scope = ", ".join(spec.get("scope", ["experts"]))
         lines += [
-            f"Inside the routed experts, {spec.get('method')} zeroed weights ({pattern}): "
+            f"Sparsity ({scope}): {spec.get('method')} zeroed weights ({pattern}): "
             f"{sparsity.expert_fraction:.1%} of expert parameters and {sparsity.fraction:.1%} of all parameters "
             f"are zero. {DENSE_NOTE}",
             "",
         ]
+        if "total_sparsity" in spec:
+            lines += [
+                f"Total sparsity asked {spec['total_sparsity']:.1%} of the original in-scope weights: removed "
+                f"experts account for {spec['removed_by_experts']:.1%}, zeros inside the survivors for the rest; "
+                f"reached {spec.get('total_sparsity_achieved', float('nan')):.2%}.",
+                "",
+            ]
     if calib:
         lines += [
             f"Calibration: {calib.get('samples')} sequences x {calib.get('seq_len')} tokens "

@@ -1,0 +1,158 @@
+"""STUN phase 1 (seed 001): expert pruning by clustering router rows, with O(1) forward passes.
+
+Experts whose router rows are close are chosen for the same tokens, so one can stand in for the
+other. The distance between experts i and j is their router-row distance (scaled by its mean over
+the layer) minus ``coactivation`` times how often the router picks them for the same token
+(co-activation count over sqrt(count_i * count_j), in [0, 1]). Agglomerative clustering with complete
+linkage merges two clusters only if every cross pair is under a threshold; cutting the dendrogram
+after the ``E - K`` lowest merges is that threshold, found exactly (no bisection needed), so a layer
+ends with exactly ``K`` clusters. Each cluster keeps one representative, the member closest to the
+centroid of the members' router rows (``mode="representative"``), or the frequency-weighted average
+of its aligned members (``mode="average"``). The representative's router row takes over its
+cluster's routing mass (``router="logsumexp"``), so tokens of removed members go to it.
+
+Under a global budget (STUN's native, non-uniform setting) one threshold is shared by all layers:
+the merges of every layer are taken in order of height until the total is met, never leaving a layer
+with fewer than ``minimum`` experts. Statistics come from one pass over the calibration tokens (two
+with a global budget), however many experts there are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.cluster.hierarchy import linkage
+from scipy.spatial.distance import squareform
+
+from moeshrink.arch import MoELayer
+from moeshrink.calib.observers import COACTIVATION, COUNTS, LayerStats
+from moeshrink.errors import MoeShrinkError
+from moeshrink.methods.base import LayerBudget
+from moeshrink.methods.clustering import per_group
+from moeshrink.methods.merging import MergeMethod
+from moeshrink.plan import NewExpert
+
+MODES = ("representative", "average")
+
+
+def expert_distances(layer: MoELayer, stats: LayerStats | None, coactivation: float) -> np.ndarray:
+    """STUN's behavioural distance between the experts of ``layer``, ``[E, E]``, zero diagonal, >= 0."""
+    rows = layer.router.weight.detach().double().cpu()
+    d = torch.cdist(rows, rows)
+    off = ~torch.eye(len(rows), dtype=torch.bool)
+    scale = d[off].mean() if len(rows) > 1 else torch.tensor(1.0, dtype=torch.float64)
+    d = d / scale if scale > 0 else d
+    if coactivation and stats is not None and stats.coactivation is not None:
+        counts = stats.counts.double().cpu()
+        norm = torch.sqrt(counts[:, None] * counts[None, :])
+        together = torch.where(norm > 0, stats.coactivation.double().cpu() / norm.clamp_min(1e-12), 0.0)
+        d = d - coactivation * together
+    d = d - d[off].min().clamp(max=0.0) if len(rows) > 1 else d  # complete linkage ignores a shift
+    d.fill_diagonal_(0.0)
+    return d.numpy()
+
+
+def complete_linkage(distances: np.ndarray) -> np.ndarray:
+    """SciPy linkage matrix (merges in order of height) of complete-linkage clustering."""
+    return linkage(squareform(distances, checks=False), method="complete")
+
+
+def cut_after(merges: np.ndarray, n: int, k: int) -> list[list[int]]:
+    """The ``k`` clusters left after the first ``n - k`` merges of ``merges`` (a SciPy linkage of ``n``
+    points): the complete-linkage threshold cut, exact even when heights tie."""
+    members: dict[int, list[int]] = {i: [i] for i in range(n)}
+    for step in range(n - k):
+        a, b = int(merges[step, 0]), int(merges[step, 1])
+        members[n + step] = members.pop(a) + members.pop(b)
+    return sorted(sorted(c) for c in members.values())
+
+
+class STUN(MergeMethod):
+    """Cluster experts by router rows and co-activation (complete linkage); keep one per cluster."""
+
+    name = "stun"
+    base_needs = frozenset({COUNTS, COACTIVATION})
+    global_needs = frozenset({COUNTS, COACTIVATION})
+
+    def __init__(
+        self,
+        seed: int = 0,
+        mode: str = "representative",
+        coactivation: float = 1.0,
+        reconstruct: bool = False,
+        align: str | None = None,
+        **options: Any,
+    ):
+        if mode not in MODES:
+            raise MoeShrinkError(f"stun mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "representative":
+            align = "none"  # nothing is averaged, so nothing to align
+        super().__init__(seed=seed, align=align, reconstruct=reconstruct, **options)
+        self.mode, self.coactivation = mode, float(coactivation)
+        self.threshold: float | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        extra = {"mode": self.mode, "coactivation": self.coactivation}
+        return super().options | extra | ({"threshold": self.threshold} if self.threshold is not None else {})
+
+    def clusters(self, layer: MoELayer, stats: LayerStats, budget: LayerBudget) -> list[list[int]]:
+        distances = expert_distances(layer, stats, self.coactivation)
+
+        def cluster(experts: list[int], k: int) -> list[list[int]]:
+            if k >= len(experts):
+                return [[j] for j in experts]
+            sub = distances[np.ix_(experts, experts)]
+            return [[experts[i] for i in c] for c in cut_after(complete_linkage(sub), len(experts), k)]
+
+        return per_group(layer.num_experts, budget.groups, budget.keep, cluster)
+
+    def allocate_global(
+        self, layers: dict[int, MoELayer], stats: dict[int, LayerStats], total: int, minimum: int, groups: int
+    ) -> dict[int, int]:
+        """One complete-linkage threshold for every layer: take the lowest merges of all layers until
+        ``total`` experts remain, leaving each layer at least ``minimum``."""
+        if groups > 1:
+            raise MoeShrinkError(
+                "stun with a global budget cuts each layer at one shared threshold, which cannot keep whole "
+                "routing groups (DeepSeek n_group > 1): use a uniform budget (drop --global-budget)"
+            )
+        counts = {i: layer.num_experts for i, layer in layers.items()}
+        if not sum(minimum for _ in layers) <= total < sum(counts.values()):
+            raise MoeShrinkError(
+                f"a global budget of {total} experts must lie in [{minimum * len(layers)}, {sum(counts.values())}) "
+                f"for {len(layers)} MoE layers keeping at least {minimum} each"
+            )
+        candidates = []
+        for i, layer in layers.items():
+            heights = complete_linkage(expert_distances(layer, stats[i], self.coactivation))[:, 2]
+            candidates += [(float(h), i, step) for step, h in enumerate(heights[: counts[i] - minimum])]
+        candidates.sort()
+        taken = candidates[: sum(counts.values()) - total]
+        for _, i, _ in taken:
+            counts[i] -= 1
+        self.threshold = taken[-1][0] if taken else None
+        return counts
+
+    def merge(self, layer: MoELayer, stats: LayerStats, cluster: list[int]) -> NewExpert:
+        if self.mode == "average" or len(cluster) == 1:
+            return super().merge(layer, stats, cluster)
+        rows = layer.router.weight.detach().double().cpu()[cluster]
+        distance = (rows - rows.mean(0)).norm(dim=1)
+        counts = stats.counts.double().cpu()
+        tolerance = 1e-9 * float(distance.max().clamp_min(1e-30))
+        near = [
+            j
+            for j, dist in zip(cluster, distance.tolist(), strict=True)
+            if dist <= float(distance.min()) + tolerance
+        ]
+        representative = min(near, key=lambda j: (-float(counts[j]), j))  # ties (e.g. pairs) to the most used
+        members = [representative] + [j for j in cluster if j != representative]
+        weights = [1.0] + [0.0] * (len(members) - 1)
+        return NewExpert(
+            sources=members,
+            weights=weights,
+            router_weights=self.router_row(layer, stats, members, weights),
+        )
