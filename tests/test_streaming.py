@@ -1,0 +1,207 @@
+"""Streaming by layer: the streamed output equals the in-memory one, one layer is held at a time,
+hidden states can live on disk, and bad shards or a full disk stop it early with nothing left behind."""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import moeshrink
+from moeshrink.calib.data import build_calibration
+from moeshrink.calib.observers import COUNTS
+from moeshrink.calib.offload import SpilledBatches
+from moeshrink.calib.runner import compress_layerwise
+from moeshrink.errors import MoeShrinkError
+from moeshrink.io.checkpoint import load_model, load_tokenizer
+from moeshrink.io.streaming import LayerStreamer, check_free_disk
+from moeshrink.methods import LayerBudget, get_method
+from moeshrink.testbed.tiny import build_tiny_model
+
+from .conftest import tree_digest
+
+
+def _prune(model, calib, out, **kw):
+    args = dict(method="frequency", keep=4, calib=calib, output=out, samples=4, seq_len=32, progress=False)
+    return moeshrink.prune(model, **(args | kw))
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("model*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def _assert_same_checkpoint(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for key in ta:
+        assert ta[key].dtype == tb[key].dtype and torch.equal(ta[key], tb[key]), key
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    assert (a / "moeshrink_plan.json").read_text() == (b / "moeshrink_plan.json").read_text()
+
+
+def _resave(source: Path, dest: Path, **save_kwargs) -> Path:
+    """The same model saved again (e.g. in shards, or with fused expert keys), tokenizer included."""
+    AutoModelForCausalLM.from_pretrained(source).save_pretrained(dest, **save_kwargs)
+    for f in source.glob("tokenizer*"):
+        shutil.copy2(f, dest / f.name)
+    return dest
+
+
+@pytest.mark.parametrize(
+    "family, method, dtype",
+    [
+        ("mixtral", "frequency", torch.bfloat16),
+        ("qwen3_moe", "reap", torch.float16),
+        ("qwen3_moe", "msmoe", torch.float32),
+        ("gpt_oss", "frequency", torch.float32),  # fused expert tensors on disk
+    ],
+)
+def test_streamed_output_equals_in_memory(family, method, dtype, tmp_path, calib_file):
+    model = build_tiny_model(family, tmp_path / "model", seed=3, dtype=dtype)
+    if family == "mixtral":  # several input shards, a layer's tensors spread over them
+        model = _resave(model, tmp_path / "sharded", max_shard_size="150KB")
+        assert len(list(model.glob("*.safetensors"))) > 3
+    before = tree_digest(model)
+    memory = _prune(model, calib_file, tmp_path / "memory", method=method, stream=False)
+    streamed = _prune(model, calib_file, tmp_path / "streamed", method=method, stream=True)
+    _assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
+    assert streamed.after == memory.after and tree_digest(model) == before
+    # the skeleton returned holds no decoder layer's weights any more
+    assert all(p.is_meta for layer in streamed.model.model.layers for p in layer.parameters())
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(_tensors(tmp_path / "streamed"))
+    reloaded = load_model(tmp_path / "streamed")
+    assert reloaded.adapter.moe_layers(reloaded.model)[0].num_experts == 4
+
+
+def test_fused_keys_on_disk_stream_to_the_per_expert_layout(tmp_path, calib_file, checkpoints):
+    fused = _resave(checkpoints["mixtral"], tmp_path / "fused", save_original_format=False)
+    with safe_open(fused / "model.safetensors", "pt") as f:
+        assert any(k.endswith("experts.gate_up_proj") for k in f.keys())
+    _prune(fused, calib_file, tmp_path / "memory", stream=False)
+    _prune(fused, calib_file, tmp_path / "streamed", stream=True)
+    _assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
+
+
+def test_one_decoder_layer_at_a_time_and_hidden_states_on_disk(tmp_path, calib_file, checkpoints):
+    path = checkpoints["qwen3_moe"]
+    streamer = LayerStreamer(path)
+    layers = streamer.layers
+    assert all(p.is_meta for layer in layers for p in layer.parameters())
+    seen = []
+
+    def count_materialised(module, args):
+        seen.append(sum(not next(layer.parameters()).is_meta for layer in layers))
+
+    for layer in layers:
+        layer.register_forward_pre_hook(count_materialised)
+    ids = build_calibration(load_tokenizer(path), [calib_file], 4, 32, 0).input_ids
+    method = get_method("frequency")
+    offload = tmp_path / "hidden"
+    plans = compress_layerwise(
+        streamer.model,
+        streamer.adapter,
+        ids,
+        lambda layer, stats: method.compress(layer, stats, LayerBudget(keep=4, top_k=2)),
+        frozenset({COUNTS}),
+        2,
+        batch_size=2,
+        progress=False,
+        layer_hooks=streamer,
+        offload_hidden=offload,
+    )
+    gc.collect()
+    assert [p.num_experts_after for p in plans] == [4, 4, 4]
+    assert seen and max(seen) == 1 and streamer.max_loaded == 1
+    assert list(offload.iterdir()) == []  # every layer's spilled hidden states were removed
+    # hidden states on disk give the same checkpoint as in memory
+    _prune(path, calib_file, tmp_path / "in-ram", stream=True)
+    _prune(path, calib_file, tmp_path / "on-disk", stream=True, offload_hidden=offload)
+    _assert_same_checkpoint(tmp_path / "in-ram", tmp_path / "on-disk")
+
+
+def test_spilled_batches_round_trip(tmp_path):
+    tensors = [torch.randn(2, 3, 4) for _ in range(3)]
+    spilled = SpilledBatches.of(tensors, tmp_path, "cpu")
+    assert len(spilled) == 3 and all(torch.equal(a, b) for a, b in zip(tensors, spilled, strict=True))
+    directory = spilled.directory
+    del spilled
+    gc.collect()
+    assert not directory.exists()
+
+
+def _sharded(source: Path, dest: Path) -> Path:
+    return _resave(source, dest, max_shard_size="150KB")
+
+
+def test_missing_shard_stops_streaming_before_any_output(tmp_path, calib_file, checkpoints):
+    model = _sharded(checkpoints["mixtral"], tmp_path / "m")
+    shards = sorted(model.glob("model-*.safetensors"))
+    shards[len(shards) // 2].unlink()
+    with pytest.raises(MoeShrinkError, match=f"shard {shards[len(shards) // 2].name} .* is missing"):
+        _prune(model, calib_file, tmp_path / "out", stream=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_truncated_shard_stops_streaming_before_any_output(tmp_path, calib_file, checkpoints):
+    model = _sharded(checkpoints["mixtral"], tmp_path / "m")
+    last = sorted(model.glob("model-*.safetensors"))[-1]
+    last.write_bytes(last.read_bytes()[:-100])
+    with pytest.raises(MoeShrinkError, match=f"{last.name}: truncated .* re-download"):
+        _prune(model, calib_file, tmp_path / "out", stream=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_index_naming_the_wrong_shard(tmp_path, calib_file, checkpoints):
+    model = _sharded(checkpoints["mixtral"], tmp_path / "m")
+    index_file = model / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    key = next(k for k in index["weight_map"] if "layers.2" in k)
+    other = next(v for v in sorted(set(index["weight_map"].values())) if v != index["weight_map"][key])
+    index["weight_map"][key] = other
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(MoeShrinkError, match=f"puts {key} in {other} but that shard does not hold it"):
+        _prune(model, calib_file, tmp_path / "out", stream=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_little_free_disk_is_refused_before_writing(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(
+        MoeShrinkError, match="not enough free disk for the output .* GiB free; free some space"
+    ):
+        check_free_disk(tmp_path / "out", needed=free + (1 << 30))
+    assert list(tmp_path.iterdir()) == []
+    check_free_disk(tmp_path / "out", needed=1 << 20)  # a small output fits
+
+
+def test_error_in_a_later_layer_leaves_nothing_behind(tmp_path, calib_file, checkpoints):
+    model = tmp_path / "m"
+    shutil.copytree(checkpoints["mixtral"], model)
+    tensors = load_file(model / "model.safetensors")
+    key = next(k for k in tensors if "layers.2." in k and "experts.3" in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MoeShrinkError, match=r"model.layers.2.* contains NaN or inf") as err:
+        _prune(model, calib_file, tmp_path / "out", stream=True)
+    del err
+    gc.collect()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # layers 0 and 1 were written, then removed
+
+
+def test_streaming_option_errors(tmp_path, calib_file, checkpoints):
+    with pytest.raises(MoeShrinkError, match="--stream writes the pruned layers as it goes: give an output"):
+        _prune(checkpoints["mixtral"], calib_file, None, stream=True)
+    with pytest.raises(MoeShrinkError, match="--stream does not support sparsity yet"):
+        _prune(checkpoints["mixtral"], calib_file, tmp_path / "out", stream=True, sparsity=0.5)
+    assert not (tmp_path / "out").exists()
