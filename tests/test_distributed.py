@@ -57,3 +57,41 @@ def test_two_processes_match_one(method, exact, checkpoints, calib_file, tmp_pat
             assert torch.equal(a[key], b[key]), key
         else:  # merged weights and least-squares re-fits see the same tokens, summed in another order
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_two_processes_match_one_for_stun_with_owl_on_all_linear_layers(checkpoints, calib_file, tmp_path):
+    """Statistics for OWL's outliers and Wanda's norms of attention/dense layers are all-reduced too."""
+    common = dict(calib=calib_file, samples=8, seq_len=32, progress=False)
+    moeshrink.prune(
+        checkpoints["qwen2_moe"],
+        "stun",
+        ratio=0.25,
+        total_sparsity=0.5,
+        sparsity_method="owl",
+        sparsity_scope="all",
+        output=tmp_path / "one",
+        **common,
+    )
+    argv = ["prune", str(checkpoints["qwen2_moe"]), "--method", "stun", "--expert-ratio", "0.25"]
+    argv += ["--total-sparsity", "0.5", "--sparsity-method", "owl", "--sparsity-scope", "all"]
+    argv += [
+        "--calib",
+        str(calib_file),
+        "--samples",
+        "8",
+        "--seq-len",
+        "32",
+        "-o",
+        str(tmp_path / "two"),
+        "--quiet",
+    ]
+    _torchrun(argv, tmp_path)
+    one, two = (json.loads((tmp_path / d / PLAN_FILENAME).read_text()) for d in ("one", "two"))
+    assert [lp["sparsity"]["sparsity"] for lp in one["layers"]] == pytest.approx(
+        [lp["sparsity"]["sparsity"] for lp in two["layers"]], abs=1e-9
+    )
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key] == 0, b[key] == 0), key  # the same weights were zeroed
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)

@@ -95,6 +95,7 @@ class NAEEPruning(ExpertMethod):
     def options(self) -> dict[str, Any]:
         return {"seed": self.seed, "max_subsets": self.max_subsets, "max_tokens": self.max_tokens}
 
+    @torch.no_grad()
     def plan_layer(self, layer: MoELayer, stats: LayerStats | None, budget: LayerBudget) -> LayerPlan:
         start = time.perf_counter()
         set_top_k(layer, budget.top_k)  # subsets are scored as they will route
