@@ -17,7 +17,7 @@ from moeshrink.pipeline import apply_plan
 from moeshrink.plan import PLAN_FILENAME, LayerPlan, ModelPlan
 from moeshrink.search import search
 from moeshrink.search.eep import Candidate, fold_error, fold_router
-from moeshrink.search.fitness import TaskFitness, build_task_data, read_items
+from moeshrink.search.fitness import TaskFitness, build_task_data, read_items, transfer_logits
 from moeshrink.surgery import apply_model_plan
 from moeshrink.surgery.simulate import restricted_routing
 from moeshrink.testbed.tiny import build_tiny_model
@@ -80,7 +80,7 @@ def test_one_hot_candidate_is_plain_pruning(family, tiny, task_file):
         LayerPlan.keep(i, num_experts, k).experts for i, k in kept.items()
     ]
     assert all(torch.equal(c, candidate.transfer[i]) for i, c in coefficients.items())
-    error = fold_error(candidate, coefficients, fitness, ids, top_k=2)
+    error = fold_error(candidate, coefficients, fitness.working, ids, top_k=2)
     assert all(e["same_experts"] == 1.0 and e["total_variation"] == 0.0 for e in error.values())
     pruned = load_model(tiny[family]).model
     apply_model_plan(pruned, adapter, ModelPlan(method="eep", budget={"keep": 4}, top_k=2, layers=plans))
@@ -153,3 +153,37 @@ def test_two_processes_search_what_one_does_and_export_reapplies(tiny, task_file
     assert reapplied.after.experts_per_layer == [4] * len(plans[0]["layers"])
     again = load_file(tmp_path / "again" / "model.safetensors")
     assert all(torch.equal(again[k], weights[0][k]) for k in weights[0])
+
+
+def test_merged_candidate_exact_transfer_and_fold(tiny, task_file):
+    loaded, fitness = _fitness(tiny["mixtral"], task_file)
+    model, adapter = loaded.model, loaded.adapter
+    layers = adapter.moe_layers(model)
+    candidate = Candidate.pruning({layer.index: [0, 2, 5, 7] for layer in layers}, 8)
+    for i in candidate.merge:  # new expert 0 = average of old 0 and 1, and gets both their router mass
+        candidate.merge[i][0, :2] = 0.5
+        candidate.transfer[i][0, :2] = 1.0
+    down = layers[0].param("down_proj").detach().clone()
+    ids = fitness.data.input_ids[:8]
+    with fitness.working.applied(candidate.merge, candidate.transfer, top_k=2):
+        merged = (0.5 * down[0].float() + 0.5 * down[1].float()).to(down.dtype)
+        assert torch.equal(layers[0].param("down_proj")[0], merged)
+        logits = torch.randn(5, 8)
+        new = transfer_logits(layers[0], logits, candidate.transfer[0])
+        torch.testing.assert_close(new[:, 0], torch.logsumexp(logits[:, :2], dim=1))
+        torch.testing.assert_close(new[:, 1:], logits[:, [2, 5, 7]])
+
+    coefficients, plans = fold_router(candidate, fitness, top_k=2)
+    first = plans[0].experts[0]
+    assert first.sources == [0, 1] and first.weights == [0.5, 0.5]
+    assert first.router_weights == coefficients[0][0, :2].tolist()
+    assert all(e.is_plain_copy for e in plans[0].experts[1:])
+    error = fold_error(candidate, coefficients, fitness.working, ids, top_k=2)
+    # a mixed row cannot fold exactly (one-hot rows measure 0 above); the measure sees the difference
+    assert all(0 < e["total_variation"] < 1 and 0 <= e["same_experts"] < 1 for e in error.values())
+
+    exported = load_model(tiny["mixtral"]).model
+    router = adapter.moe_layers(exported)[0].router.weight.detach().clone()
+    apply_model_plan(exported, adapter, ModelPlan(method="eep", budget={"keep": 4}, top_k=2, layers=plans))
+    row = (coefficients[0][0, :2].float() @ router[:2].float()).to(router.dtype)
+    torch.testing.assert_close(adapter.moe_layers(exported)[0].router.weight[0], row)

@@ -49,7 +49,9 @@ from moeshrink.report.model_card import model_card
 from moeshrink.search.fitness import (
     Fitness,
     RoutingComparison,
+    TaskData,
     TaskFitness,
+    WorkingCopy,
     build_task_data,
     one_hot_rows,
     read_items,
@@ -425,19 +427,19 @@ def fold_router(
 def fold_error(
     candidate: Candidate,
     coefficients: dict[int, torch.Tensor],
-    fitness: TaskFitness,
+    working: WorkingCopy,
     windows: torch.Tensor,
     top_k: int,
 ) -> dict[int, dict[str, float]]:
-    """Per MoE layer, on ``windows`` (held-out token windows) run through the exact-transfer model:
-    the share of tokens for which the folded router picks the same experts, and the mean total
-    variation distance between the two routers' weights over the K experts."""
-    working = fitness.working
+    """Per MoE layer, on ``windows`` (held-out token windows) run through the exact-transfer model
+    (``working`` wraps an unmodified model): the share of tokens for which the folded router picks the
+    same experts, and the mean total variation distance between the two routers' weights over the K
+    experts, both on the same layer inputs."""
     working.compare = {i: (c, RoutingComparison()) for i, c in coefficients.items()}
     try:
         with working.applied(candidate.merge, candidate.transfer, top_k), torch.no_grad():
             for start in range(0, windows.shape[0], 8):
-                fitness.model(input_ids=windows[start : start + 8])
+                working.model(input_ids=windows[start : start + 8])
         return {i: acc.to_dict() for i, (_, acc) in working.compare.items()}
     finally:
         working.compare = None
@@ -454,7 +456,8 @@ class SearchResult:
     state: SearchState
     best: Candidate
     best_prune: Candidate
-    fitness: TaskFitness
+    coefficients: dict[int, torch.Tensor]  # the best candidate's folded router rows [K, E] per layer
+    task_data: TaskData
     seconds: dict[str, float]
     output: Path | None = None
 
@@ -563,7 +566,7 @@ def search(
         state = SearchState(settings=settings_dict, identity=identity)
 
     t = time.perf_counter()
-    usage = collect_layer_stats(model_, adapter, data.input_ids, frozenset({COUNTS}), progress=False)
+    usage = collect_layer_stats(model_, adapter, fitness.task_text(), frozenset({COUNTS}), progress=False)
     initial = {
         i: sorted(torch.argsort(s.counts, descending=True, stable=True)[:keep].tolist())
         for i, s in usage.items()
@@ -590,9 +593,9 @@ def search(
         "fingerprint": identity["fingerprint"],
     }
 
-    def plan_of(candidate: Candidate, label: str) -> ModelPlan:
-        _, layer_plans = fold_router(candidate, fitness, top_k)
-        return ModelPlan(
+    def plan_of(candidate: Candidate, label: str) -> tuple[dict[int, torch.Tensor], ModelPlan]:
+        coefficients, layer_plans = fold_router(candidate, fitness, top_k)
+        return coefficients, ModelPlan(
             method="eep",
             method_options=settings_dict
             | {
@@ -609,8 +612,8 @@ def search(
             layers=layer_plans,
         )
 
-    plan, prune_plan = plan_of(best, "prune+merge"), plan_of(best_prune, "prune")
-    fitness.working.restore()
+    (coefficients, plan), (_, prune_plan) = plan_of(best, "prune+merge"), plan_of(best_prune, "prune")
+    fitness.working.restore()  # the model is the original again; from here on it is the exported one
     apply_model_plan(model_, adapter, plan)
     timings["fold"] = time.perf_counter() - t
     result = SearchResult(
@@ -621,7 +624,8 @@ def search(
         state=state,
         best=best,
         best_prune=best_prune,
-        fitness=fitness,
+        coefficients=coefficients,
+        task_data=data,
         seconds=timings,
     )
     if output is not None:

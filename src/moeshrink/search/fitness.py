@@ -320,13 +320,19 @@ class TaskFitness:
         self.first = min(self.working.layers)
         self.batch_size = batch_size
         device = next(model.parameters()).device
-        cached = capture_layer_inputs(model, adapter, data.input_ids, batch_size, device)
-        hidden = cached.hidden
         layers = adapter.decoder_layers(model)
-        with torch.no_grad():
-            for i in range(self.first):  # dense layers before the first MoE layer never change
-                hidden = run_layer(layers[i], hidden, cached.layer_kwargs[i])
-        self.hidden, self.layer_kwargs = hidden, cached.layer_kwargs
+        # batches of similar lengths, each cut to its longest sequence (less padding to run)
+        order = torch.argsort(data.lengths, descending=True, stable=True)
+        self.batches: list[tuple[torch.Tensor, torch.Tensor, list[dict]]] = []
+        for start in range(0, order.numel(), batch_size):
+            rows = order[start : start + batch_size]
+            ids = data.input_ids[rows, : int(data.lengths[rows].max())]
+            cached = capture_layer_inputs(model, adapter, ids, ids.shape[0], device)
+            hidden = cached.hidden
+            with torch.no_grad():
+                for i in range(self.first):  # dense layers before the first MoE layer never change
+                    hidden = run_layer(layers[i], hidden, cached.layer_kwargs[i])
+            self.batches.append((rows, hidden[0], [kw[0] for kw in cached.layer_kwargs]))
         positions = torch.arange(data.input_ids.shape[1])
         self.valid = positions[None] < data.lengths[:, None]
         # position t predicts token t + 1: continuation tokens are predicted from starts - 1 .. lengths - 2
@@ -341,22 +347,30 @@ class TaskFitness:
         layers = self.adapter.decoder_layers(self.model)
         norm, head = self.model.model.norm, self.model.get_output_embeddings()
         device = next(self.model.parameters()).device
-        out = []
-        for b, states in enumerate(self.hidden):
-            rows = slice(b * self.batch_size, b * self.batch_size + states.shape[0])
-            self.working.valid = self.valid[rows].reshape(-1).to(device)
+        out = torch.zeros(self.data.input_ids.shape[0])
+        for rows, states, kwargs in self.batches:
+            length = states.shape[1]
+            self.working.valid = self.valid[rows, :length].reshape(-1).to(device)
             h = [states]
             for i in range(self.first, len(layers)):
-                h = run_layer(layers[i], h, [_move(self.layer_kwargs[i][b], device)])
-            mask = self.scored[rows].to(device)
+                h = run_layer(layers[i], h, [_move(kwargs[i], device)])
+            mask = self.scored[rows, :length].to(device)
             picked = norm(h[0])[mask]
             logp = torch.log_softmax(head(picked).float(), dim=-1)
-            targets = self.data.input_ids[rows].to(device)[:, 1:][mask[:, :-1]]
+            targets = self.data.input_ids[rows, :length].to(device)[:, 1:][mask[:, :-1]]
             token_logp = logp.gather(1, targets[:, None]).squeeze(1)
-            seq = torch.zeros(states.shape[0], device=device).index_add_(0, mask.nonzero()[:, 0], token_logp)
-            out.append(seq.cpu())
+            seq = torch.zeros(len(rows), device=device).index_add_(0, mask.nonzero()[:, 0], token_logp)
+            out[rows] = seq.cpu()
         self.working.valid = None
-        return torch.cat(out)
+        return out
+
+    def task_text(self, window: int = 64) -> torch.Tensor:
+        """The items' real text (context + gold continuation) as ``[n, window]`` token windows."""
+        offsets = torch.cumsum(self.data.choices, 0) - self.data.choices
+        gold = offsets + self.data.gold
+        stream = torch.cat([self.data.input_ids[r, : self.data.lengths[r]] for r in gold.tolist()])
+        n = max(1, stream.numel() // window)
+        return stream[: n * window].view(n, -1) if stream.numel() >= window else stream[None]
 
     def score(self, logprobs: torch.Tensor) -> Fitness:
         data = self.data

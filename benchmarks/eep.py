@@ -1,0 +1,355 @@
+"""EEP benchmark on the testbed: prune-only and prune+merge search vs frequency and REAP.
+
+One domain's multiple-choice task: the search scores candidates on its first ``--items`` items and
+every model is then scored on held-out items 100-199 of the same task (the lm-eval ``acc`` rule,
+computed in-process; the unpruned model is also run through lm-eval as a check) and by perplexity on
+every domain's held-out text. Also: the folded router's error against the exact transfer, the speed
+of top-2 vs top-1, evaluations per second and the search time relative to one forward pass over the
+fitness data. Results go to OUT.json and OUT.md.
+
+    OMP_NUM_THREADS=1 python benchmarks/eep.py --out docs/eep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moeshrink.evaluate.perplexity import domain_windows, perplexity
+from moeshrink.evaluate.speed import measure_speed
+from moeshrink.evaluate.tasks import run_lm_eval
+from moeshrink.io.checkpoint import load_model
+from moeshrink.pipeline import apply_plan, prune
+from moeshrink.report.tables import markdown_table
+from moeshrink.search import search
+from moeshrink.search.eep import fold_error
+from moeshrink.search.fitness import TaskFitness, WorkingCopy, build_task_data, read_items, resolve_task
+from moeshrink.testbed.paths import DOMAINS, corpus_dir, testbed_model_dir
+
+HELD_OUT = (100, 200)  # task items never seen by the search
+
+
+def task_accuracy(model, adapter, data) -> dict[str, float]:
+    """Held-out multiple-choice accuracy and gold-continuation loss of the model as it is."""
+    scorer = TaskFitness(model, adapter, data, batch_size=32)
+    fit = scorer.score(scorer.sequence_logprobs())
+    return {"accuracy": fit.accuracy, "gold_nll": fit.nll}
+
+
+def domain_perplexity(model, windows: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {d: perplexity(model, w, batch_size=8)["perplexity"] for d, w in windows.items()}
+
+
+def evaluate(model, adapter, heldout, windows) -> dict:
+    return task_accuracy(model, adapter, heldout) | {"perplexity": domain_perplexity(model, windows)}
+
+
+def forward_floor(model, ids: torch.Tensor, batch_size: int = 32) -> float:
+    """Seconds for one forward pass of the unchanged model over the fitness sequences (best of 2)."""
+    best = math.inf
+    with torch.no_grad():
+        for _ in range(2):
+            t = time.perf_counter()
+            for start in range(0, ids.shape[0], batch_size):
+                model(input_ids=ids[start : start + batch_size])
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def run_eep(args, model_dir: Path, keep: int, top_k: int | None, heldout, windows) -> dict:
+    t = time.perf_counter()
+    result = search(
+        model_dir,
+        args.task,
+        keep=keep,
+        top_k=top_k,
+        items=args.items,
+        population=args.population,
+        elite=args.elite,
+        prune_iterations=args.prune_iterations,
+        merge_iterations=args.merge_iterations,
+        seed=args.seed,
+        progress=False,
+    )
+    wall = time.perf_counter() - t
+    state = result.state
+    adapter = load_model(model_dir).adapter
+    row = {
+        "search": {
+            "evaluations": state.evaluations,
+            "search_seconds": state.seconds,
+            "wall_seconds": wall,
+            "evaluations_per_second": result.evaluations_per_second,
+            "fitness_prune": result.best_prune.fitness.to_dict(),
+            "fitness_merge": result.best.fitness.to_dict(),
+            "merged_experts": sum(not e.is_plain_copy for lp in result.plan.layers for e in lp.experts),
+            "history": state.history,
+        },
+        "prune+merge": evaluate(result.model, adapter, heldout, windows),
+    }
+    pruned = apply_plan(model_dir, result.prune_plan)
+    row["prune"] = evaluate(pruned.model, adapter, heldout, windows)
+    exact = load_model(model_dir)
+    working = WorkingCopy(exact.model, exact.adapter)
+    k = result.plan.top_k
+    row["fold_error"] = fold_error(result.best, result.coefficients, working, windows[args.domain][:16], k)
+    with working.applied(result.best.merge, result.best.transfer, k):
+        row["prune+merge exact router"] = evaluate(exact.model, adapter, heldout, windows)
+    row["_model"] = result.model
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/eep"))
+    parser.add_argument("--domain", default="bible")
+    parser.add_argument("--keep", type=int, nargs="+", default=[8, 4])
+    parser.add_argument("--items", type=int, default=64, help="fitness items (the task's first ones)")
+    parser.add_argument("--population", type=int, default=6)
+    parser.add_argument("--elite", type=int, default=2)
+    parser.add_argument("--prune-iterations", type=int, default=4)
+    parser.add_argument("--merge-iterations", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=64, help="calibration sequences for the baselines")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per domain")
+    args = parser.parse_args()
+    args.task = f"moeshrink_{args.domain}"
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    model_dir = testbed_model_dir()
+    base = load_model(model_dir)
+    adapter, tokenizer = base.adapter, base.tokenizer
+    task_path = resolve_task(args.task)
+    heldout = build_task_data(tokenizer, read_items(task_path, *HELD_OUT))
+    fitness_data = build_task_data(tokenizer, read_items(task_path, 0, args.items))
+    windows = {
+        d: domain_windows(tokenizer, corpus_dir() / d / "test.jsonl", args.seq_len, args.eval_tokens)
+        for d in DOMAINS
+    }
+    data: dict = {
+        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"held_out_items": list(HELD_OUT)},
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {platform.platform()}",
+        "command": "OMP_NUM_THREADS=1 python benchmarks/eep.py " + " ".join(sys.argv[1:]),
+        "fitness_data": fitness_data.info,
+        "rows": {},
+    }
+    data["baseline"] = evaluate(base.model, adapter, heldout, windows)
+    with tempfile.TemporaryDirectory() as tmp:  # the in-process scorer against lm-eval, same items
+        items = read_items(task_path, *HELD_OUT)
+        path = Path(tmp) / "heldout.jsonl"
+        path.write_text("".join(json.dumps(i) + "\n" for i in items))
+        data["baseline"]["lm_eval_acc"] = run_lm_eval(base.model, tokenizer, [str(path)])[path.stem]["acc"]
+    data["floor_seconds"] = forward_floor(base.model, fitness_data.input_ids)
+    print(
+        f"[eep] baseline {data['baseline']['accuracy']:.3f}, floor {data['floor_seconds']:.2f}s", flush=True
+    )
+
+    calib = corpus_dir() / args.domain / "calib.jsonl"
+    models = {}
+    for keep in args.keep:
+        for method in ("frequency", "reap"):
+            t = time.perf_counter()
+            result = prune(
+                model_dir,
+                method,
+                keep=keep,
+                calib=calib,
+                samples=args.samples,
+                seq_len=args.seq_len,
+                progress=False,
+            )
+            seconds = time.perf_counter() - t
+            data["rows"][f"{method}|{keep}"] = evaluate(result.model, adapter, heldout, windows) | {
+                "seconds": seconds
+            }
+        row = run_eep(args, model_dir, keep, None, heldout, windows)
+        models[keep] = row.pop("_model")
+        data["rows"][f"eep|{keep}"] = row
+        print(f"[eep] keep {keep}: {json.dumps(row['search'], default=str)[:300]}", flush=True)
+
+    # fewer active experts: the searched 8-expert model with top-1 (a search of its own) vs top-2
+    top1 = run_eep(args, model_dir, args.keep[0], 1, heldout, windows)
+    top1_model = top1.pop("_model")
+    data["rows"][f"eep|{args.keep[0]}|top1"] = top1
+    base_top1 = prune(model_dir, "none", top_k=1, progress=False)
+    data["rows"]["unpruned|16|top1"] = evaluate(base_top1.model, adapter, heldout, windows)
+    speed = {}
+    for name, model in (
+        ("unpruned top-2", base.model),
+        ("unpruned top-1", base_top1.model),
+        (f"eep {args.keep[0]} top-2", models[args.keep[0]]),
+        (f"eep {args.keep[0]} top-1", top1_model),
+    ):
+        speed[name] = measure_speed(model)
+    data["speed"] = speed
+    data["total_seconds"] = time.perf_counter() - start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(render(data))
+    print(f"[eep] wrote {args.out}.md in {data['total_seconds']:.0f}s", flush=True)
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return f"{x:.{digits}f}"
+
+
+def render(data: dict) -> str:
+    s = data["settings"]
+    domain, base = s["domain"], data["baseline"]
+    others = [d for d in base["perplexity"] if d != domain]
+
+    def cells(ev: dict) -> list[str]:
+        ppl = ev["perplexity"]
+        other = math.exp(sum(math.log(ppl[d]) for d in others) / len(others))
+        return [_fmt(ev["accuracy"]), _fmt(ev["gold_nll"]), _fmt(ppl[domain], 2), _fmt(other, 2)]
+
+    header = [
+        "experts kept",
+        "top-k",
+        "method",
+        "held-out acc",
+        "gold nll",
+        f"ppl {domain}",
+        "ppl others (geo)",
+        "cost",
+    ]
+    rows = [["16", "2", "unpruned", *cells(base), "-"]]
+    for key, row in data["rows"].items():
+        method, keep, *rest = key.split("|")
+        k = "1" if rest else "2"
+        if method == "eep":
+            sr = row["search"]
+            cost = f"search {sr['search_seconds']:.0f}s, {sr['evaluations']} evals"
+            rows.append([keep, k, "EEP prune-only", *cells(row["prune"]), cost])
+            rows.append([keep, k, "EEP prune+merge (exported router)", *cells(row["prune+merge"]), cost])
+            rows.append(
+                [keep, k, "EEP prune+merge (exact transfer)", *cells(row["prune+merge exact router"]), "-"]
+            )
+        elif method == "unpruned":
+            rows.append([keep, k, "unpruned", *cells(row), "-"])
+        else:
+            rows.append([keep, k, method, *cells(row), f"{row['seconds']:.0f}s"])
+
+    search_rows = []
+    for key, row in data["rows"].items():
+        if not key.startswith("eep"):
+            continue
+        sr = row["search"]
+        search_rows.append(
+            [
+                key.replace("eep|", "").replace("|top1", " (top-1)"),
+                str(sr["evaluations"]),
+                _fmt(sr["search_seconds"], 1),
+                _fmt(sr["wall_seconds"], 1),
+                _fmt(sr["evaluations_per_second"], 2),
+                _fmt(sr["search_seconds"] / data["floor_seconds"], 1),
+                f"{sr['fitness_prune']['accuracy']:.3f} -> {sr['fitness_merge']['accuracy']:.3f}",
+                f"{sr['fitness_prune']['nll']:.3f} -> {sr['fitness_merge']['nll']:.3f}",
+                str(sr["merged_experts"]),
+            ]
+        )
+    fold_rows = []
+    for key, row in data["rows"].items():
+        if key.startswith("eep"):
+            for layer, e in row["fold_error"].items():
+                fold_rows.append(
+                    [
+                        key.replace("eep|", "").replace("|top1", " (top-1)"),
+                        str(layer),
+                        _fmt(e["same_experts"]),
+                        _fmt(e["total_variation"]),
+                    ]
+                )
+    speed = data["speed"]
+    names = list(speed)
+    speed_rows = [
+        [
+            n,
+            f"{speed[n]['prefill_tokens_per_s']:.0f}",
+            f"{speed[n]['decode_tokens_per_s']:.0f}",
+            f"{speed[n]['parameter_bytes'] / 2**20:.1f}",
+        ]
+        for n in names
+    ]
+    ratio = {
+        pair: (
+            speed[pair[1]]["prefill_tokens_per_s"] / speed[pair[0]]["prefill_tokens_per_s"],
+            speed[pair[1]]["decode_tokens_per_s"] / speed[pair[0]]["decode_tokens_per_s"],
+        )
+        for pair in ((names[0], names[1]), (names[2], names[3]), (names[0], names[3]))
+    }
+    lines = [
+        "# EEP on the testbed",
+        "",
+        f"Model `moeshrink-tiny` (16 experts, top-2). Task `{s['task']}`: the search scores candidates on its "
+        f"first {s['items']} items (multiple choice, 4 choices, accuracy with the gold continuation's loss as "
+        f"tie-break); every model is then scored on held-out items {s['held_out_items'][0]}-"
+        f"{s['held_out_items'][1] - 1} (lm-eval's `acc` rule computed in-process; for the unpruned model lm-eval "
+        f"itself gives {base['lm_eval_acc']:.3f}, the in-process scorer {base['accuracy']:.3f}) and by perplexity "
+        f"on {s['eval_tokens']} held-out tokens per domain. Frequency and REAP calibrate on {s['samples']} x "
+        f"{s['seq_len']} tokens of the {domain} calib split.",
+        "",
+        f"Search budget per run: population {s['population']} (elite {s['elite']}), {s['prune_iterations']} prune + "
+        f"{s['merge_iterations']} merge generations, seed {s['seed']} (the paper used 40 + 160 iterations on "
+        "Mixtral). Machine: " + data["machine"] + f". Whole benchmark: {data['total_seconds'] / 60:.1f} min.",
+        "",
+        "    " + data["command"],
+        "",
+        "## Quality",
+        "",
+        markdown_table(header, rows),
+        "",
+        "## Search cost",
+        "",
+        f"One forward pass of the unpruned model over the fitness data ({data['fitness_data']['samples']} "
+        f"sequences, {data['fitness_data']['seq_len']} positions padded) takes {data['floor_seconds']:.2f}s. "
+        "An evaluation reuses the cached inputs of the first MoE layer and computes the language-model head only "
+        "at continuation positions.",
+        "",
+        markdown_table(
+            [
+                "run (kept)",
+                "evaluations",
+                "search s",
+                "wall s (load, counts, fold)",
+                "evals/s",
+                "search / forward pass",
+                "fitness acc prune -> merge",
+                "fitness gold nll prune -> merge",
+                "merged experts (all layers)",
+            ],
+            search_rows,
+        ),
+        "",
+        "## Router: folded standard router vs the exact transfer",
+        "",
+        f"Per MoE layer, on {domain} held-out windows run through the exact-transfer model (same layer inputs for "
+        "both routers): share of tokens whose chosen experts are the same, and mean total variation distance "
+        "between the two routing-weight vectors. One-hot rows fold exactly (0 error).",
+        "",
+        markdown_table(["run (kept)", "layer", "same experts", "total variation"], fold_rows),
+        "",
+        "## Speed: top-2 vs top-1",
+        "",
+        "`evaluate/speed.py` (batch 4 x 128-token prompts, 32 greedy new tokens, best of 3), one thread.",
+        "",
+        markdown_table(["model", "prefill tok/s", "decode tok/s", "parameters MiB"], speed_rows),
+        "",
+    ]
+    for (a, b), (p, d) in ratio.items():
+        lines.append(f"- {b} vs {a}: prefill x{p:.2f}, decode x{d:.2f}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
