@@ -84,13 +84,16 @@ def test_streamed_output_equals_in_memory(family, method, dtype, tmp_path, calib
     assert reloaded.adapter.moe_layers(reloaded.model)[0].num_experts == 4
 
 
-def test_fused_keys_on_disk_stream_to_the_per_expert_layout(tmp_path, calib_file, checkpoints):
+def test_fused_mixtral_keys_on_disk_stay_fused_as_in_memory(tmp_path, calib_file, checkpoints):
+    """A Mixtral saved with fused expert keys: transformers converts nothing on load, so
+    ``save_pretrained`` writes fused keys back; the streamed output does the same."""
     fused = _resave(checkpoints["mixtral"], tmp_path / "fused", save_original_format=False)
     with safe_open(fused / "model.safetensors", "pt") as f:
         assert any(k.endswith("experts.gate_up_proj") for k in f.keys())
     _prune(fused, calib_file, tmp_path / "memory", stream=False)
     _prune(fused, calib_file, tmp_path / "streamed", stream=True)
     _assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in _tensors(tmp_path / "streamed")
 
 
 def test_one_decoder_layer_at_a_time_and_hidden_states_on_disk(tmp_path, calib_file, checkpoints):
@@ -205,3 +208,15 @@ def test_streaming_option_errors(tmp_path, calib_file, checkpoints):
     with pytest.raises(MoeShrinkError, match="--stream does not support sparsity yet"):
         _prune(checkpoints["mixtral"], calib_file, tmp_path / "out", stream=True, sparsity=0.5)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_stream_without_calibration_data(tmp_path, checkpoints):
+    """``--stream`` on the command line, with a method that needs no data (no forward pass: the
+    layers are still read, pruned and written one at a time, deepseek's dense first layer included)."""
+    from moeshrink.cli import main
+
+    path = checkpoints["deepseek_v3"]
+    common = ["prune", str(path), "--method", "random", "--keep", "4", "--quiet"]
+    assert main([*common, "-o", str(tmp_path / "memory"), "--no-stream"]) == 0
+    assert main([*common, "-o", str(tmp_path / "streamed"), "--stream"]) == 0
+    _assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
