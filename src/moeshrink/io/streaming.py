@@ -15,6 +15,7 @@ write, so a streamed checkpoint is tensor-for-tensor the one the in-memory path 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -266,6 +267,7 @@ class LayerStreamer:
         _to_meta(layer)
         self.loaded.discard(index)
         self.released.add(index)
+        release_freed_memory()
 
     def _on_disk(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What ``save_pretrained`` writes for these tensors: tied copies dropped, conversions reverted."""
@@ -320,6 +322,26 @@ class LayerStreamer:
         config.save_pretrained(directory)
         if self.model.can_generate():
             self.model.generation_config.save_pretrained(directory)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the allocator back to the system (glibc only; elsewhere a no-op).
+
+    A layer's tensors are tens of MB each, under glibc's adaptive mmap threshold, so they come from
+    the heap; without a trim the heap keeps what earlier layers freed and the resident size creeps up
+    with the number of layers instead of staying at one layer."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: ctypes.CDLL | bool | None = None
 
 
 def _to_meta(module: nn.Module) -> None:
