@@ -27,9 +27,14 @@ from moeshrink.pipeline import prune
 from moeshrink.report.tables import markdown_table
 from moeshrink.testbed.paths import DOMAINS, corpus_dir, testbed_model_dir
 
+# Variant keys that are arguments of prune() (sparsity, budgets), not options of the method.
+PRUNE_KEYS = ("total_sparsity", "sparsity", "sparsity_method", "sparsity_scope", "nm", "global_budget")
+
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """``uncurl:align=none,reconstruct=true`` -> ("uncurl", {"align": "none", "reconstruct": True})."""
+    """``uncurl:align=none,reconstruct=true`` -> ("uncurl", {"align": "none", "reconstruct": True});
+    keys in PRUNE_KEYS (e.g. ``stun:total_sparsity=0.55``, ``none:sparsity_method=owl,total_sparsity=0.4``)
+    are passed to prune() itself."""
     name, _, rest = spec.partition(":")
     options = {}
     for item in filter(None, rest.split(",")):
@@ -92,16 +97,18 @@ def main() -> None:
         tasks=[f"moeshrink_{d}" for d in DOMAINS] if args.tasks else None,
         task_limit=args.task_limit,
     )
+    base = load_model(model_dir)
     if "baseline" not in data:
-        base = load_model(model_dir)
         data["baseline"] = evaluate_model(base.model, base.tokenizer, **evaluate)
-        data["floor_seconds"] = {
-            d: forward_floor(
-                base.model, base.tokenizer, corpus_dir() / d / "calib.jsonl", args.samples, args.seq_len
-            )
-            for d in args.calib_domains
-        }
         data["settings"] = vars(args) | {"out": str(args.out), "model": str(model_dir)}
+    # The floor is measured in every run, so each row's time ratio compares like with like.
+    floor = {
+        d: forward_floor(
+            base.model, base.tokenizer, corpus_dir() / d / "calib.jsonl", args.samples, args.seq_len
+        )
+        for d in args.calib_domains
+    }
+    del base
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
     if command not in data.setdefault("commands", []):
         data["commands"].append(command)
@@ -113,21 +120,31 @@ def main() -> None:
                     continue
                 print(f"[quality] {key}", flush=True)
                 name, options = parse_variant(method)
+                prune_kwargs = {k: options.pop(k) for k in PRUNE_KEYS if k in options}
                 result = prune(
                     model_dir,
                     name,
-                    keep=keep,
+                    keep=None if name == "none" else keep,
                     calib=corpus_dir() / calib_domain / "calib.jsonl",
                     samples=args.samples,
                     seq_len=args.seq_len,
                     method_options=options,
-                    global_budget=args.global_budget,
                     progress=False,
+                    **({"global_budget": args.global_budget} | prune_kwargs),
                 )
                 row = evaluate_model(result.model, result.tokenizer, **evaluate)
                 row["compress_seconds"] = result.seconds["compress"]
                 row["experts_per_layer_after"] = result.after.experts_per_layer
-                row["time_over_floor"] = result.seconds["compress"] / data["floor_seconds"][calib_domain]
+                row["floor_seconds"] = floor[calib_domain]
+                row["time_over_floor"] = result.seconds["compress"] / floor[calib_domain]
+                row["method_details"] = [lp.details for lp in result.plan.layers if lp.details]
+                if result.plan.sparsity:
+                    row["sparsity"] = {
+                        k: v for k, v in result.plan.sparsity.items() if k != "dense_layers"
+                    } | {
+                        "expert_fraction": result.sparsity.expert_fraction,
+                        "fraction": result.sparsity.fraction,
+                    }
                 data["rows"][key] = row
                 json_path.write_text(json.dumps(data, indent=1) + "\n")
     json_path.write_text(json.dumps(data, indent=1) + "\n")
@@ -154,7 +171,8 @@ def render(data: dict) -> str:
         + ".",
         "",
     ]
-    rows = data["rows"]
+    rows = {k: r for k, r in data["rows"].items() if "total_sparsity" not in r.get("sparsity", {})}
+    sparse_rows = {k: r for k, r in data["rows"].items() if k not in rows}
     keeps = sorted({int(k.split("|")[1]) for k in rows}, reverse=True)
     methods = list(dict.fromkeys(k.split("|")[0] for k in rows))
     calib_domains = list(dict.fromkeys(k.split("|")[2] for k in rows))
@@ -192,6 +210,38 @@ def render(data: dict) -> str:
                     ]
                 )
     lines += [markdown_table(header, table), ""]
+    if sparse_rows:
+        lines += _render_total_sparsity(sparse_rows, base, domains)
+    searched = [(k, r) for k, r in rows.items() if r.get("method_details")]
+    if searched:
+        lines += [
+            "## Subset search cost (per layer)",
+            "",
+            markdown_table(
+                [
+                    "method",
+                    "experts kept",
+                    "calibrated on",
+                    "search",
+                    "subsets evaluated",
+                    "of possible",
+                    "time / floor",
+                ],
+                [
+                    [
+                        k.split("|")[0],
+                        k.split("|")[1],
+                        k.split("|")[2],
+                        r["method_details"][0]["search"],
+                        str(r["method_details"][0]["subsets_evaluated"]),
+                        str(r["method_details"][0]["subsets_possible"]),
+                        f"{r['time_over_floor']:.1f}",
+                    ]
+                    for k, r in searched
+                ],
+            ),
+            "",
+        ]
     for keep in keeps:
         lines += [f"## 16 -> {keep} experts: perplexity per domain (calibrated domain in bold)", ""]
         header = ["method", "calibrated on"] + domains
@@ -213,6 +263,72 @@ def render(data: dict) -> str:
                 table.append([method, c, *cells])
         lines += [markdown_table(header, table), ""]
     return "\n".join(lines)
+
+
+def _log_ratios(
+    row: dict, base: dict, domains: list[str], calibrated: str
+) -> tuple[list[float], list[float]]:
+    own, other = [], []
+    for d in domains:
+        ratio = math.log(row["domains"][d]["perplexity"] / base["domains"][d]["perplexity"])
+        (own if d == calibrated else other).append(ratio)
+    return own, other
+
+
+def _render_total_sparsity(rows: dict, base: dict, domains: list[str]) -> list[str]:
+    """Rows pruned to a total sparsity (STUN vs Wanda vs OWL alone): one line per (total, method, keep)."""
+    groups: dict[tuple, list[tuple[str, dict]]] = {}
+    for key, row in rows.items():
+        method, keep, calibrated = key.split("|")
+        groups.setdefault((row["sparsity"]["total_sparsity"], method, int(keep)), []).append(
+            (calibrated, row)
+        )
+    table = []
+    for (total, method, keep), members in sorted(groups.items(), key=lambda g: (g[0][0], -g[0][2], g[0][1])):
+        own, other = [], []
+        for calibrated, row in members:
+            o, t = _log_ratios(row, base, domains, calibrated)
+            own += o
+            other += t
+        first = members[0][1]["sparsity"]
+        table.append(
+            [
+                f"{total:.0%}",
+                f"{first['method']} alone"
+                if method.startswith("none")
+                else f"{method.split(':')[0]} + {first['method']}",
+                str(keep),
+                f"{first['removed_by_experts']:.0%}",
+                f"{first['inside_sparsity']:.1%}",
+                f"{sum(r['sparsity']['total_sparsity_achieved'] for _, r in members) / len(members):.2%}",
+                f"{math.exp(sum(own) / len(own)):.3f}",
+                f"{math.exp(sum(other) / len(other)):.3f}",
+                f"{sum(r['time_over_floor'] for _, r in members) / len(members):.1f}",
+                str(len(members)),
+            ]
+        )
+    header = [
+        "total sparsity",
+        "method",
+        "experts kept",
+        "removed as experts",
+        "zeroed inside",
+        "reached",
+        "ppl ratio, calibrated domain",
+        "other domains",
+        "time / floor",
+        "calibration domains",
+    ]
+    return [
+        "## Equal total sparsity: STUN vs Wanda alone vs OWL alone",
+        "",
+        "Total sparsity = share of the original routed-expert weights gone, whether removed with their expert "
+        "or zeroed inside a surviving one. Perplexity ratio to the unpruned model, geometric mean over "
+        "calibration domains.",
+        "",
+        markdown_table(header, table),
+        "",
+    ]
 
 
 if __name__ == "__main__":

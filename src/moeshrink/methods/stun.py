@@ -2,14 +2,22 @@
 
 Experts whose router rows are close are chosen for the same tokens, so one can stand in for the
 other. The distance between experts i and j is their router-row distance (scaled by its mean over
-the layer) minus ``coactivation`` times how often the router picks them for the same token
-(co-activation count over sqrt(count_i * count_j), in [0, 1]). Agglomerative clustering with complete
-linkage merges two clusters only if every cross pair is under a threshold; cutting the dendrogram
-after the ``E - K`` lowest merges is that threshold, found exactly (no bisection needed), so a layer
-ends with exactly ``K`` clusters. Each cluster keeps one representative, the member closest to the
-centroid of the members' router rows (``mode="representative"``), or the frequency-weighted average
-of its aligned members (``mode="average"``). The representative's router row takes over its
-cluster's routing mass (``router="logsumexp"``), so tokens of removed members go to it.
+the layer), optionally minus ``coactivation`` times how often the router picks them for the same
+token (co-activation count over sqrt(count_i * count_j), in [0, 1]; a negative weight treats
+co-activated experts as complementary instead). Agglomerative clustering with complete linkage
+merges two clusters only if every cross pair is under a threshold; cutting the dendrogram after the
+``E - K`` lowest merges is that threshold, found exactly (no bisection), so a layer ends with exactly
+``K`` clusters. Each cluster keeps one representative, the member whose weights are closest to the
+centroid of the members' weights (``mode="representative"``), or the frequency-weighted average of
+its aligned members (``mode="average"``). The representative keeps its own router row
+(``router="anchor"``, as STUN's released code does): the removed members' rows were close to it, so
+their tokens mostly go to it. ``router="logsumexp"`` instead gives it the cluster's whole routing mass.
+
+Defaults are what served held-out text best on the testbed at 16 -> 8 (docs/quality.md): the
+representative keeps its own row (as STUN's released code does; logsumexp was worse), and
+co-activation counts as *dissimilarity* (``coactivation=-1``): experts the router picks together for
+the same token fill different top-k slots and complement each other. STUN's released code has no
+co-activation term by default (``coactivation=0``); as a similarity (``+1``) it was much worse.
 
 Under a global budget (STUN's native, non-uniform setting) one threshold is shared by all layers:
 the merges of every layer are taken in order of height until the total is met, never leaving a layer
@@ -80,16 +88,17 @@ class STUN(MergeMethod):
         self,
         seed: int = 0,
         mode: str = "representative",
-        coactivation: float = 1.0,
+        coactivation: float = -1.0,
         reconstruct: bool = False,
         align: str | None = None,
+        router: str = "anchor",
         **options: Any,
     ):
         if mode not in MODES:
             raise MoeShrinkError(f"stun mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode == "representative":
             align = "none"  # nothing is averaged, so nothing to align
-        super().__init__(seed=seed, align=align, reconstruct=reconstruct, **options)
+        super().__init__(seed=seed, align=align, reconstruct=reconstruct, router=router, **options)
         self.mode, self.coactivation = mode, float(coactivation)
         self.threshold: float | None = None
 
@@ -139,8 +148,11 @@ class STUN(MergeMethod):
     def merge(self, layer: MoELayer, stats: LayerStats, cluster: list[int]) -> NewExpert:
         if self.mode == "average" or len(cluster) == 1:
             return super().merge(layer, stats, cluster)
-        rows = layer.router.weight.detach().double().cpu()[cluster]
-        distance = (rows - rows.mean(0)).norm(dim=1)
+        squared = torch.zeros(len(cluster), dtype=torch.float64)
+        for spec in layer.expert_tensors:
+            weights = layer.param(spec.name).detach()[cluster].double().cpu().flatten(1)
+            squared += (weights - weights.mean(0)).pow(2).sum(1)
+        distance = squared.sqrt()
         counts = stats.counts.double().cpu()
         tolerance = 1e-9 * float(distance.max().clamp_min(1e-30))
         near = [
