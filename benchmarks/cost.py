@@ -246,9 +246,8 @@ def _summary(rows: dict, floors: dict) -> list[str]:
         values = []
         for _, name in sizes:
             r, floor = cell.get((name, m)), floors.get((name, True))
-            values.append(
-                f"{r['seconds']:.0f} ({r['seconds'] / floor['seconds']:.2f})" if r and floor else ""
-            )
+            secs = "" if r is None else f"{r['seconds']:.1f}" if r["seconds"] < 100 else f"{r['seconds']:.0f}"
+            values.append(f"{secs} ({r['seconds'] / floor['seconds']:.2f})" if r and floor else "")
         lines.append(f"| {m} | " + " | ".join(values) + " |")
     lines += ["", "Peak RSS, GiB:", "", head, rule]
     for m in methods:
