@@ -77,6 +77,7 @@ def run_eep(args, model_dir: Path, keep: int, top_k: int | None, heldout, window
         prune_iterations=args.prune_iterations,
         merge_iterations=args.merge_iterations,
         seed=args.seed,
+        objective=args.objective,
         progress=False,
     )
     wall = time.perf_counter() - t
@@ -94,6 +95,7 @@ def run_eep(args, model_dir: Path, keep: int, top_k: int | None, heldout, window
             "history": state.history,
         },
         "prune+merge": evaluate(result.model, adapter, heldout, windows),
+        "plan": result.plan.model_dump(mode="json"),
     }
     pruned = apply_plan(model_dir, result.prune_plan)
     row["prune"] = evaluate(pruned.model, adapter, heldout, windows)
@@ -118,10 +120,16 @@ def main() -> None:
     parser.add_argument("--prune-iterations", type=int, default=4)
     parser.add_argument("--merge-iterations", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--objective", choices=["accuracy", "loss"], default="accuracy")
+    parser.add_argument("--no-top1", action="store_true", help="skip the top-1 search and the speed runs")
     parser.add_argument("--samples", type=int, default=64, help="calibration sequences for the baselines")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per domain")
+    parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md from OUT.json and stop")
     args = parser.parse_args()
+    if args.render_only:
+        args.out.with_suffix(".md").write_text(render(json.loads(args.out.with_suffix(".json").read_text())))
+        return
     args.task = f"moeshrink_{args.domain}"
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -135,20 +143,27 @@ def main() -> None:
         d: domain_windows(tokenizer, corpus_dir() / d / "test.jsonl", args.seq_len, args.eval_tokens)
         for d in DOMAINS
     }
-    data: dict = {
-        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"held_out_items": list(HELD_OUT)},
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {platform.platform()}",
-        "command": "OMP_NUM_THREADS=1 python benchmarks/eep.py " + " ".join(sys.argv[1:]),
-        "fitness_data": fitness_data.info,
-        "rows": {},
-    }
-    data["baseline"] = evaluate(base.model, adapter, heldout, windows)
-    with tempfile.TemporaryDirectory() as tmp:  # the in-process scorer against lm-eval, same items
-        items = read_items(task_path, *HELD_OUT)
-        path = Path(tmp) / "heldout.jsonl"
-        path.write_text("".join(json.dumps(i) + "\n" for i in items))
-        data["baseline"]["lm_eval_acc"] = run_lm_eval(base.model, tokenizer, [str(path)])[path.stem]["acc"]
-    data["floor_seconds"] = forward_floor(base.model, fitness_data.input_ids)
+    json_path = args.out.with_suffix(".json")
+    data: dict = json.loads(json_path.read_text()) if json_path.exists() else {"rows": {}, "commands": []}
+    data["commands"].append("OMP_NUM_THREADS=1 python benchmarks/eep.py " + " ".join(sys.argv[1:]))
+    if "baseline" not in data:
+        data["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "objective", "no_top1")}
+        data["settings"]["held_out_items"] = list(HELD_OUT)
+        data["machine"] = (
+            f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {platform.platform()}"
+        )
+        data["fitness_data"] = fitness_data.info
+        data["baseline"] = evaluate(base.model, adapter, heldout, windows)
+        with tempfile.TemporaryDirectory() as tmp:  # the in-process scorer against lm-eval, same items
+            items = read_items(task_path, *HELD_OUT)
+            path = Path(tmp) / "heldout.jsonl"
+            path.write_text("".join(json.dumps(i) + "\n" for i in items))
+            data["baseline"]["lm_eval_acc"] = run_lm_eval(base.model, tokenizer, [str(path)])[path.stem][
+                "acc"
+            ]
+        data["floor_seconds"] = forward_floor(base.model, fitness_data.input_ids)
+    data.setdefault("total_seconds", 0.0)
+    eep = "eep" if args.objective == "accuracy" else f"eep:{args.objective}"
     print(
         f"[eep] baseline {data['baseline']['accuracy']:.3f}, floor {data['floor_seconds']:.2f}s", flush=True
     )
@@ -157,6 +172,8 @@ def main() -> None:
     models = {}
     for keep in args.keep:
         for method in ("frequency", "reap"):
+            if f"{method}|{keep}" in data["rows"]:
+                continue
             t = time.perf_counter()
             result = prune(
                 model_dir,
@@ -171,15 +188,20 @@ def main() -> None:
             data["rows"][f"{method}|{keep}"] = evaluate(result.model, adapter, heldout, windows) | {
                 "seconds": seconds
             }
+        if f"{eep}|{keep}" in data["rows"]:
+            continue
         row = run_eep(args, model_dir, keep, None, heldout, windows)
         models[keep] = row.pop("_model")
-        data["rows"][f"eep|{keep}"] = row
+        data["rows"][f"{eep}|{keep}"] = row
         print(f"[eep] keep {keep}: {json.dumps(row['search'], default=str)[:300]}", flush=True)
 
+    if args.no_top1:
+        _write(args.out, data, start)
+        return
     # fewer active experts: the searched 8-expert model with top-1 (a search of its own) vs top-2
     top1 = run_eep(args, model_dir, args.keep[0], 1, heldout, windows)
     top1_model = top1.pop("_model")
-    data["rows"][f"eep|{args.keep[0]}|top1"] = top1
+    data["rows"][f"{eep}|{args.keep[0]}|top1"] = top1
     base_top1 = prune(model_dir, "none", top_k=1, progress=False)
     data["rows"]["unpruned|16|top1"] = evaluate(base_top1.model, adapter, heldout, windows)
     speed = {}
@@ -191,11 +213,24 @@ def main() -> None:
     ):
         speed[name] = measure_speed(model)
     data["speed"] = speed
-    data["total_seconds"] = time.perf_counter() - start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(render(data))
-    print(f"[eep] wrote {args.out}.md in {data['total_seconds']:.0f}s", flush=True)
+    _write(args.out, data, start)
+
+
+def _write(out: Path, data: dict, start: float) -> None:
+    data["total_seconds"] += time.perf_counter() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    out.with_suffix(".md").write_text(render(data))
+    print(f"[eep] wrote {out}.md ({data['total_seconds']:.0f}s in all runs)", flush=True)
+
+
+def _label(method: str) -> str:
+    return f"EEP ({method.partition(':')[2] or 'accuracy'} fitness)"
+
+
+def _run(key: str) -> str:
+    method, keep, *rest = key.split("|")
+    return f"{_label(method)}, {keep} kept" + (", top-1" if rest else "")
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -226,18 +261,25 @@ def render(data: dict) -> str:
     for key, row in data["rows"].items():
         method, keep, *rest = key.split("|")
         k = "1" if rest else "2"
-        if method == "eep":
-            sr = row["search"]
+        if method.startswith("eep"):
+            sr, name = row["search"], _label(method)
             cost = f"search {sr['search_seconds']:.0f}s, {sr['evaluations']} evals"
-            rows.append([keep, k, "EEP prune-only", *cells(row["prune"]), cost])
-            rows.append([keep, k, "EEP prune+merge (exported router)", *cells(row["prune+merge"]), cost])
+            rows.append([keep, k, f"{name} prune-only", *cells(row["prune"]), cost])
+            rows.append([keep, k, f"{name} prune+merge (exported router)", *cells(row["prune+merge"]), cost])
             rows.append(
-                [keep, k, "EEP prune+merge (exact transfer)", *cells(row["prune+merge exact router"]), "-"]
+                [
+                    keep,
+                    k,
+                    f"{name} prune+merge (exact transfer)",
+                    *cells(row["prune+merge exact router"]),
+                    "-",
+                ]
             )
         elif method == "unpruned":
             rows.append([keep, k, "unpruned", *cells(row), "-"])
         else:
             rows.append([keep, k, method, *cells(row), f"{row['seconds']:.0f}s"])
+    rows.sort(key=lambda r: (-int(r[1]), -int(r[0])))  # stable: methods keep their order per budget
 
     search_rows = []
     for key, row in data["rows"].items():
@@ -246,7 +288,7 @@ def render(data: dict) -> str:
         sr = row["search"]
         search_rows.append(
             [
-                key.replace("eep|", "").replace("|top1", " (top-1)"),
+                _run(key),
                 str(sr["evaluations"]),
                 _fmt(sr["search_seconds"], 1),
                 _fmt(sr["wall_seconds"], 1),
@@ -263,7 +305,7 @@ def render(data: dict) -> str:
             for layer, e in row["fold_error"].items():
                 fold_rows.append(
                     [
-                        key.replace("eep|", "").replace("|top1", " (top-1)"),
+                        _run(key),
                         str(layer),
                         _fmt(e["same_experts"]),
                         _fmt(e["total_variation"]),
@@ -291,8 +333,9 @@ def render(data: dict) -> str:
         "# EEP on the testbed",
         "",
         f"Model `moeshrink-tiny` (16 experts, top-2). Task `{s['task']}`: the search scores candidates on its "
-        f"first {s['items']} items (multiple choice, 4 choices, accuracy with the gold continuation's loss as "
-        f"tie-break); every model is then scored on held-out items {s['held_out_items'][0]}-"
+        f"first {s['items']} items (multiple choice, 4 choices); *accuracy fitness* is their accuracy (the gold "
+        "continuations' loss breaks ties), *loss fitness* the gold continuations' mean token loss. Every model "
+        f"is then scored on held-out items {s['held_out_items'][0]}-"
         f"{s['held_out_items'][1] - 1} (lm-eval's `acc` rule computed in-process; for the unpruned model lm-eval "
         f"itself gives {base['lm_eval_acc']:.3f}, the in-process scorer {base['accuracy']:.3f}) and by perplexity "
         f"on {s['eval_tokens']} held-out tokens per domain. Frequency and REAP calibrate on {s['samples']} x "
@@ -300,9 +343,11 @@ def render(data: dict) -> str:
         "",
         f"Search budget per run: population {s['population']} (elite {s['elite']}), {s['prune_iterations']} prune + "
         f"{s['merge_iterations']} merge generations, seed {s['seed']} (the paper used 40 + 160 iterations on "
-        "Mixtral). Machine: " + data["machine"] + f". Whole benchmark: {data['total_seconds'] / 60:.1f} min.",
+        "Mixtral). Machine: "
+        + data["machine"]
+        + f". All runs together: {data['total_seconds'] / 60:.1f} min (the machine's 2 cores were shared with other jobs).",
         "",
-        "    " + data["command"],
+        *("    " + c for c in data["commands"]),
         "",
         "## Quality",
         "",
