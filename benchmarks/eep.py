@@ -78,6 +78,7 @@ def run_eep(args, model_dir: Path, keep: int, top_k: int | None, heldout, window
         merge_iterations=args.merge_iterations,
         seed=args.seed,
         objective=args.objective,
+        init=args.init,
         progress=False,
     )
     wall = time.perf_counter() - t
@@ -120,7 +121,8 @@ def main() -> None:
     parser.add_argument("--prune-iterations", type=int, default=4)
     parser.add_argument("--merge-iterations", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--objective", choices=["accuracy", "loss"], default="accuracy")
+    parser.add_argument("--objective", choices=["accuracy", "loss", "text"], default="accuracy")
+    parser.add_argument("--init", nargs="+", default=["frequency"], help="scoring methods seeding the search")
     parser.add_argument("--no-top1", action="store_true", help="skip the top-1 search and the speed runs")
     parser.add_argument("--samples", type=int, default=64, help="calibration sequences for the baselines")
     parser.add_argument("--seq-len", type=int, default=256)
@@ -147,7 +149,9 @@ def main() -> None:
     data: dict = json.loads(json_path.read_text()) if json_path.exists() else {"rows": {}, "commands": []}
     data["commands"].append("OMP_NUM_THREADS=1 python benchmarks/eep.py " + " ".join(sys.argv[1:]))
     if "baseline" not in data:
-        data["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "objective", "no_top1")}
+        data["settings"] = {
+            k: v for k, v in vars(args).items() if k not in ("out", "objective", "no_top1", "init")
+        }
         data["settings"]["held_out_items"] = list(HELD_OUT)
         data["machine"] = (
             f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {platform.platform()}"
@@ -163,7 +167,8 @@ def main() -> None:
             ]
         data["floor_seconds"] = forward_floor(base.model, fitness_data.input_ids)
     data.setdefault("total_seconds", 0.0)
-    eep = "eep" if args.objective == "accuracy" else f"eep:{args.objective}"
+    eep = "eep" + ("" if args.objective == "accuracy" else f":{args.objective}")
+    eep += "" if args.init == ["frequency"] else "@" + "+".join(args.init)
     print(
         f"[eep] baseline {data['baseline']['accuracy']:.3f}, floor {data['floor_seconds']:.2f}s", flush=True
     )
@@ -225,7 +230,9 @@ def _write(out: Path, data: dict, start: float) -> None:
 
 
 def _label(method: str) -> str:
-    return f"EEP ({method.partition(':')[2] or 'accuracy'} fitness)"
+    method, _, init = method.partition("@")
+    seeded = f", seeded by {init.replace('+', ' + ')}" if init else ""
+    return f"EEP ({method.partition(':')[2] or 'accuracy'} fitness{seeded})"
 
 
 def _run(key: str) -> str:
@@ -334,7 +341,8 @@ def render(data: dict) -> str:
         "",
         f"Model `moeshrink-tiny` (16 experts, top-2). Task `{s['task']}`: the search scores candidates on its "
         f"first {s['items']} items (multiple choice, 4 choices); *accuracy fitness* is their accuracy (the gold "
-        "continuations' loss breaks ties), *loss fitness* the gold continuations' mean token loss. Every model "
+        "continuations' loss breaks ties), *loss fitness* the gold continuations' mean token loss, *text fitness* the mean token loss over the "
+        "items' whole text (contexts and gold continuations). Every model "
         f"is then scored on held-out items {s['held_out_items'][0]}-"
         f"{s['held_out_items'][1] - 1} (lm-eval's `acc` rule computed in-process; for the unpruned model lm-eval "
         f"itself gives {base['lm_eval_acc']:.3f}, the in-process scorer {base['accuracy']:.3f}) and by perplexity "
@@ -342,7 +350,9 @@ def render(data: dict) -> str:
         f"{s['seq_len']} tokens of the {domain} calib split.",
         "",
         f"Search budget per run: population {s['population']} (elite {s['elite']}), {s['prune_iterations']} prune + "
-        f"{s['merge_iterations']} merge generations, seed {s['seed']} (the paper used 40 + 160 iterations on "
+        f"{s['merge_iterations']} merge generations, seed {s['seed']}; the prune population starts from the "
+        "experts frequency (and, where named, other scoring methods) keeps on the fitness items' text, plus random "
+        "subsets (the paper used 40 + 160 iterations on "
         "Mixtral). Machine: "
         + data["machine"]
         + f". All runs together: {data['total_seconds'] / 60:.1f} min (the machine's 2 cores were shared with other jobs).",

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ from moeshrink.errors import MoeShrinkError
 from moeshrink.info import describe_model
 from moeshrink.io.checkpoint import checkpoint_fingerprint, load_config, load_model, resolve_checkpoint
 from moeshrink.io.export import check_output_dir, export_checkpoint
+from moeshrink.methods import get_method
+from moeshrink.methods.base import ScorePruning, top_scores
 from moeshrink.methods.merging import logit_space_coefficients
 from moeshrink.plan import LayerPlan, ModelPlan, NewExpert
 from moeshrink.report.model_card import model_card
@@ -78,6 +81,7 @@ class EEPSettings:
     sigma: float = 0.1  # merge stage: standard deviation of that move
     seed: int = 0
     objective: str = "accuracy"
+    init: tuple[str, ...] = ("frequency",)  # scoring methods whose choice on the task text seeds the search
     time_budget: float | None = None  # seconds for the whole search (checked after each generation)
 
     def check(self) -> None:
@@ -88,6 +92,11 @@ class EEPSettings:
         if self.prune_iterations < 1 or self.merge_iterations < 0:
             raise MoeShrinkError(
                 "prune iterations must be at least 1 and merge iterations at least 0 (0: prune only)"
+            )
+        unknown = [m for m in self.init if not isinstance(get_method(m), ScorePruning)]
+        if not self.init or unknown:
+            raise MoeShrinkError(
+                f"init takes scoring methods (frequency, soft_activation, reap, ean), got {list(self.init)}"
             )
         if self.sigma <= 0 or not 0 < self.merge_rate <= 1 or not 0 <= self.swap_rate <= 1:
             raise MoeShrinkError("sigma must be > 0, merge-rate in (0, 1] and swap-rate in [0, 1]")
@@ -283,7 +292,7 @@ def _evaluate(population: list[Candidate], fitness: TaskFitness, top_k: int, sta
 def run_search(
     fitness: TaskFitness,
     settings: EEPSettings,
-    initial: dict[int, list[int]],
+    initial: list[dict[int, list[int]]],
     num_experts: int,
     *,
     state: SearchState,
@@ -293,7 +302,7 @@ def run_search(
 ) -> SearchState:
     """Run (or continue) the two stages until their iterations or the time budget are spent.
 
-    ``initial`` seeds the prune population (e.g. the most used experts per layer). ``stop_after``
+    ``initial`` seeds the prune population (e.g. the most used experts per layer; the rest is random). ``stop_after``
     ends this call after that many generations (the state stays resumable)."""
     total = settings.prune_iterations + settings.merge_iterations
     done_before = state.generation + (settings.prune_iterations if state.stage == "merge" else 0)
@@ -347,14 +356,19 @@ def run_search(
 
 
 def _initial_population(
-    state: SearchState, settings: EEPSettings, initial: dict[int, list[int]], num_experts: int, gen
+    state: SearchState, settings: EEPSettings, initial: list[dict[int, list[int]]], num_experts: int, gen
 ) -> list[Candidate]:
     if state.stage == "prune":
-        population = [Candidate.pruning(initial, num_experts)]
+        population = []
+        for kept in initial:
+            c = Candidate.pruning(kept, num_experts)
+            if c.signature() not in {p.signature() for p in population}:
+                population.append(c)
+        population = population[: settings.population]
         while len(population) < settings.population:
             population.append(
                 Candidate.pruning(
-                    {i: _random_subset(num_experts, settings.keep, gen) for i in initial}, num_experts
+                    {i: _random_subset(num_experts, settings.keep, gen) for i in initial[0]}, num_experts
                 )
             )
         return population
@@ -466,6 +480,15 @@ class SearchResult:
         return self.state.evaluations / max(self.state.seconds, 1e-9)
 
 
+def _seeds(model, adapter, fitness: TaskFitness, settings: EEPSettings) -> list[dict[int, list[int]]]:
+    """The experts each ``settings.init`` method keeps, scored on the task's own text (unmodified model)."""
+    methods = [get_method(name) for name in settings.init]
+    needs = frozenset({COUNTS}).union(*(m.needs for m in methods))
+    stats = collect_layer_stats(model, adapter, fitness.task_text(), needs, progress=False)
+    layers = fitness.working.layers
+    return [{i: top_scores(m.score(layers[i], s), settings.keep) for i, s in stats.items()} for m in methods]
+
+
 def _check_family(config, adapter) -> None:
     if isinstance(adapter, GroupedFamilyAdapter) and GroupedFamilyAdapter.num_groups(config) > 1:
         raise MoeShrinkError(
@@ -495,6 +518,7 @@ def search(
     swap_rate: float = 0.5,
     seed: int = 0,
     objective: str = "accuracy",
+    init: Sequence[str] = ("frequency",),
     time_budget: float | None = None,
     state_dir: str | Path | None = None,
     output: str | Path | None = None,
@@ -530,6 +554,7 @@ def search(
         sigma=sigma,
         seed=seed,
         objective=objective,
+        init=tuple(init),
         time_budget=time_budget,
     )
     settings.check()
@@ -554,7 +579,7 @@ def search(
     identity = {"fingerprint": checkpoint_fingerprint(path), "data": data.info["sha256"]}
     directory = Path(state_dir) if state_dir is not None else None
     state = SearchState.load(directory) if directory is not None else None
-    settings_dict = asdict(settings)
+    settings_dict = json.loads(json.dumps(asdict(settings)))  # as a saved state reads it back
     if state is not None:
         if state.identity != identity or _budgetless(state.settings) != _budgetless(settings_dict):
             raise MoeShrinkError(
@@ -566,11 +591,7 @@ def search(
         state = SearchState(settings=settings_dict, identity=identity)
 
     t = time.perf_counter()
-    usage = collect_layer_stats(model_, adapter, fitness.task_text(), frozenset({COUNTS}), progress=False)
-    initial = {
-        i: sorted(torch.argsort(s.counts, descending=True, stable=True)[:keep].tolist())
-        for i, s in usage.items()
-    }
+    initial = _seeds(model_, adapter, fitness, settings)
     state = run_search(
         fitness,
         settings,

@@ -293,12 +293,15 @@ class Fitness:
     value: float
     accuracy: float
     nll: float  # mean negative log-likelihood per gold-continuation token
+    text_nll: float  # the same over every token of the items' text (context + gold continuation)
 
     def to_dict(self) -> dict[str, float]:
-        return {"value": self.value, "accuracy": self.accuracy, "nll": self.nll}
+        return {"value": self.value, "accuracy": self.accuracy, "nll": self.nll, "text_nll": self.text_nll}
 
 
-OBJECTIVES = ("accuracy", "loss")
+# accuracy (ties broken by the gold continuations' loss), the gold continuations' loss, or the loss
+# over the items' whole text (contexts too: several times more tokens, the same forward passes)
+OBJECTIVES = ("accuracy", "loss", "text")
 
 
 class TaskFitness:
@@ -339,40 +342,50 @@ class TaskFitness:
         self.scored = (positions[None] >= data.starts[:, None] - 1) & (
             positions[None] < data.lengths[:, None] - 1
         )
+        offsets = torch.cumsum(data.choices, 0) - data.choices
+        self.gold_rows = offsets + data.gold
+        gold = torch.zeros(data.input_ids.shape[0], dtype=torch.bool)
+        gold[self.gold_rows] = True
+        # every next-token prediction of the gold sequences (the items' real text)
+        self.text = gold[:, None] & (positions[None] < data.lengths[:, None] - 1)
         self.evaluations = 0
 
     @torch.no_grad()
-    def sequence_logprobs(self) -> torch.Tensor:
-        """Sum of log-probabilities of each sequence's continuation, on the model as it is now."""
+    def sequence_logprobs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums of log-probabilities of each sequence's continuation and (gold sequences only) of its
+        whole text, on the model as it is now."""
         layers = self.adapter.decoder_layers(self.model)
         norm, head = self.model.model.norm, self.model.get_output_embeddings()
         device = next(self.model.parameters()).device
         out = torch.zeros(self.data.input_ids.shape[0])
+        text_out = torch.zeros(self.data.input_ids.shape[0])
         for rows, states, kwargs in self.batches:
             length = states.shape[1]
             self.working.valid = self.valid[rows, :length].reshape(-1).to(device)
             h = [states]
             for i in range(self.first, len(layers)):
                 h = run_layer(layers[i], h, [_move(kwargs[i], device)])
-            mask = self.scored[rows, :length].to(device)
-            picked = norm(h[0])[mask]
-            logp = torch.log_softmax(head(picked).float(), dim=-1)
+            mask = (self.scored[rows, :length] | self.text[rows, :length]).to(device)
+            logp = torch.log_softmax(head(norm(h[0])[mask]).float(), dim=-1)
             targets = self.data.input_ids[rows, :length].to(device)[:, 1:][mask[:, :-1]]
             token_logp = logp.gather(1, targets[:, None]).squeeze(1)
-            seq = torch.zeros(len(rows), device=device).index_add_(0, mask.nonzero()[:, 0], token_logp)
-            out[rows] = seq.cpu()
+            which = mask.nonzero()[:, 0]
+            for part, result in ((self.scored, out), (self.text, text_out)):
+                keep = part[rows, :length].to(device)[mask]
+                seq = torch.zeros(len(rows), device=device).index_add_(0, which[keep], token_logp[keep])
+                result[rows] = seq.cpu()
         self.working.valid = None
-        return out
+        return out, text_out
 
     def task_text(self, window: int = 64) -> torch.Tensor:
         """The items' real text (context + gold continuation) as ``[n, window]`` token windows."""
-        offsets = torch.cumsum(self.data.choices, 0) - self.data.choices
-        gold = offsets + self.data.gold
-        stream = torch.cat([self.data.input_ids[r, : self.data.lengths[r]] for r in gold.tolist()])
+        rows = self.gold_rows.tolist()
+        stream = torch.cat([self.data.input_ids[r, : self.data.lengths[r]] for r in rows])
         n = max(1, stream.numel() // window)
         return stream[: n * window].view(n, -1) if stream.numel() >= window else stream[None]
 
-    def score(self, logprobs: torch.Tensor) -> Fitness:
+    def score(self, logprobs: tuple[torch.Tensor, torch.Tensor]) -> Fitness:
+        logprobs, text_logprobs = logprobs
         data = self.data
         offsets = torch.cumsum(data.choices, 0) - data.choices
         correct, gold_logp = 0, 0.0
@@ -386,8 +399,9 @@ class TaskFitness:
         accuracy = correct / len(data.gold)
         nll = -gold_logp / gold_tokens
         # accuracy moves in steps of 1/items; the gold continuations' loss breaks its ties
-        value = accuracy - 1e-3 * nll if self.objective == "accuracy" else -nll
-        return Fitness(value=value, accuracy=accuracy, nll=nll)
+        text_nll = -float(text_logprobs.sum()) / int(self.text.sum())
+        value = {"accuracy": accuracy - 1e-3 * nll, "loss": -nll, "text": -text_nll}[self.objective]
+        return Fitness(value=value, accuracy=accuracy, nll=nll, text_nll=text_nll)
 
     def evaluate(
         self, merge: dict[int, torch.Tensor], transfer: dict[int, torch.Tensor], top_k: int
