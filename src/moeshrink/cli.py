@@ -228,6 +228,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         merge_iterations=args.merge_iterations,
         seed=args.seed,
         objective=args.objective,
+        init=args.init,
         time_budget=args.time_budget,
         state_dir=args.state_dir,
         output=args.output,
@@ -319,7 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--merge-iterations", type=int, default=20, help="generations of the merging stage (0: prune only)"
     )
-    p.add_argument("--objective", choices=["accuracy", "loss"], default="accuracy")
+    p.add_argument(
+        "--objective",
+        choices=["accuracy", "loss", "text"],
+        default="accuracy",
+        help="accuracy (ties: gold loss), loss of the gold continuations, or loss over the items' whole text",
+    )
+    p.add_argument(
+        "--init", nargs="+", default=["frequency"], help="scoring methods whose choice seeds the search"
+    )
     p.add_argument(
         "--time-budget", type=float, help="seconds for the whole search (stops after a generation)"
     )
