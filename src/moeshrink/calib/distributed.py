@@ -91,15 +91,20 @@ def _gather_rows(tensor: torch.Tensor | None, device: torch.device) -> torch.Ten
     return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]).cpu()
 
 
-def reduce_stats(stats: LayerStats, max_sample_tokens: int) -> None:
-    """Combine every rank's statistics of one layer in place (a no-op in a single process)."""
-    if not is_active():
-        return
-    device = (
+def _collective_device() -> torch.device:
+    """Where tensors must be for a collective: this rank's GPU with nccl, the CPU with gloo."""
+    return (
         torch.device("cuda", torch.cuda.current_device())
         if dist.get_backend() == "nccl"
         else torch.device("cpu")
     )
+
+
+def reduce_stats(stats: LayerStats, max_sample_tokens: int) -> None:
+    """Combine every rank's statistics of one layer in place (a no-op in a single process)."""
+    if not is_active():
+        return
+    device = _collective_device()
     total = torch.tensor([stats.num_tokens], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     stats.num_tokens = int(total.item())
@@ -123,11 +128,7 @@ def reduce_sums(sums: dict[str, torch.Tensor]) -> None:
     """All-reduce named sums in place (every rank holds the same names); a no-op in a single process."""
     if not is_active():
         return
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if dist.get_backend() == "nccl"
-        else torch.device("cpu")
-    )
+    device = _collective_device()
     for name in sorted(sums):
         reduced = sums[name].to(device).clone()
         dist.all_reduce(reduced)
