@@ -79,6 +79,8 @@ def run_eep(args, model_dir: Path, keep: int, top_k: int | None, heldout, window
         seed=args.seed,
         objective=args.objective,
         init=args.init,
+        merge_scope=args.merge_scope,
+        sigma=args.sigma,
         progress=False,
     )
     wall = time.perf_counter() - t
@@ -122,6 +124,8 @@ def main() -> None:
     parser.add_argument("--merge-iterations", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--objective", choices=["accuracy", "loss", "text"], default="accuracy")
+    parser.add_argument("--merge-scope", choices=["all", "dropped"], default="all")
+    parser.add_argument("--sigma", type=float, default=0.1, help="merge-stage mutation size")
     parser.add_argument("--init", nargs="+", default=["frequency"], help="scoring methods seeding the search")
     parser.add_argument("--no-top1", action="store_true", help="skip the top-1 search and the speed runs")
     parser.add_argument("--samples", type=int, default=64, help="calibration sequences for the baselines")
@@ -150,7 +154,9 @@ def main() -> None:
     data["commands"].append("OMP_NUM_THREADS=1 python benchmarks/eep.py " + " ".join(sys.argv[1:]))
     if "baseline" not in data:
         data["settings"] = {
-            k: v for k, v in vars(args).items() if k not in ("out", "objective", "no_top1", "init")
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("out", "objective", "no_top1", "init", "merge_scope", "sigma")
         }
         data["settings"]["held_out_items"] = list(HELD_OUT)
         data["machine"] = (
@@ -169,6 +175,8 @@ def main() -> None:
     data.setdefault("total_seconds", 0.0)
     eep = "eep" + ("" if args.objective == "accuracy" else f":{args.objective}")
     eep += "" if args.init == ["frequency"] else "@" + "+".join(args.init)
+    eep += "" if args.merge_scope == "all" else f"~{args.merge_scope}"
+    eep += "" if args.sigma == 0.1 else f"~sigma={args.sigma}"
     print(
         f"[eep] baseline {data['baseline']['accuracy']:.3f}, floor {data['floor_seconds']:.2f}s", flush=True
     )
@@ -230,9 +238,11 @@ def _write(out: Path, data: dict, start: float) -> None:
 
 
 def _label(method: str) -> str:
+    method, *merge = method.split("~")
     method, _, init = method.partition("@")
     seeded = f", seeded by {init.replace('+', ' + ')}" if init else ""
-    return f"EEP ({method.partition(':')[2] or 'accuracy'} fitness{seeded})"
+    merging = "".join(", merge " + m.replace("dropped", "dropped columns only") for m in merge)
+    return f"EEP ({method.partition(':')[2] or 'accuracy'} fitness{seeded}{merging})"
 
 
 def _run(key: str) -> str:

@@ -79,6 +79,7 @@ class EEPSettings:
     swap_rate: float = 0.5  # prune stage: chance per layer that a child swaps one kept expert
     merge_rate: float = 0.1  # merge stage: fraction of entries of M and T a mutation moves
     sigma: float = 0.1  # merge stage: standard deviation of that move
+    merge_scope: str = "all"  # merge stage: "all" entries move, or only "dropped" experts' columns
     seed: int = 0
     objective: str = "accuracy"
     init: tuple[str, ...] = ("frequency",)  # scoring methods whose choice on the task text seeds the search
@@ -98,6 +99,8 @@ class EEPSettings:
             raise MoeShrinkError(
                 f"init takes scoring methods (frequency, soft_activation, reap, ean), got {list(self.init)}"
             )
+        if self.merge_scope not in ("all", "dropped"):
+            raise MoeShrinkError(f"merge scope must be 'all' or 'dropped', got {self.merge_scope!r}")
         if self.sigma <= 0 or not 0 < self.merge_rate <= 1 or not 0 <= self.swap_rate <= 1:
             raise MoeShrinkError("sigma must be > 0, merge-rate in (0, 1] and swap-rate in [0, 1]")
 
@@ -175,13 +178,22 @@ def _prune_child(a: Candidate, b: Candidate, settings: EEPSettings, num_experts:
     return Candidate.pruning(kept, num_experts)
 
 
-def _mutate_merge(c: Candidate, settings: EEPSettings, gen: torch.Generator) -> Candidate:
+def _mutate_merge(
+    c: Candidate, settings: EEPSettings, gen: torch.Generator, anchors: dict[int, list[int]]
+) -> Candidate:
+    """Gaussian moves of a fraction of the entries; with ``merge_scope="dropped"`` only the entries that
+    bring a pruned expert into a kept one (and each row's own kept expert, in M) move."""
     merge, transfer = {}, {}
     for i in sorted(c.merge):
         m, t = c.merge[i].clone(), c.transfer[i].clone()
-        for x in (m, t):
+        allowed = torch.ones_like(m, dtype=torch.bool)
+        if settings.merge_scope == "dropped":
+            allowed[:, anchors[i]] = False
+            own = allowed.clone()
+            own[torch.arange(len(anchors[i])), torch.tensor(anchors[i])] = True
+        for x, scope in ((m, own if settings.merge_scope == "dropped" else allowed), (t, allowed)):
             moved = torch.rand(x.shape, generator=gen, dtype=torch.float64) < settings.merge_rate
-            x += moved * torch.randn(x.shape, generator=gen, dtype=torch.float64) * settings.sigma
+            x += (moved & scope) * torch.randn(x.shape, generator=gen, dtype=torch.float64) * settings.sigma
         total = m.sum(1, keepdim=True)
         m = torch.where(total.abs() > 1e-6, m / total, m)  # rows sum to 1: a weighted average of experts
         empty = (t.clamp(min=0).sum(1) == 0).nonzero().flatten()
@@ -191,13 +203,15 @@ def _mutate_merge(c: Candidate, settings: EEPSettings, gen: torch.Generator) -> 
     return Candidate(merge=merge, transfer=transfer)
 
 
-def _merge_child(a: Candidate, b: Candidate, settings: EEPSettings, gen: torch.Generator) -> Candidate:
+def _merge_child(
+    a: Candidate, b: Candidate, settings: EEPSettings, gen: torch.Generator, anchors: dict[int, list[int]]
+) -> Candidate:
     merge, transfer = {}, {}
     for i in sorted(a.merge):
         take_b = torch.rand(a.merge[i].shape[0], generator=gen) < 0.5
         merge[i] = torch.where(take_b[:, None], b.merge[i], a.merge[i])
         transfer[i] = torch.where(take_b[:, None], b.transfer[i], a.transfer[i])
-    return _mutate_merge(Candidate(merge=merge, transfer=transfer), settings, gen)
+    return _mutate_merge(Candidate(merge=merge, transfer=transfer), settings, gen, anchors)
 
 
 # ------------------------------------------------------------------------------------------ state
@@ -375,7 +389,7 @@ def _initial_population(
     start = state.best_prune
     population = [Candidate(start.merge, start.transfer, start.fitness)]
     while len(population) < settings.population:
-        population.append(_mutate_merge(start, settings, gen))
+        population.append(_mutate_merge(start, settings, gen, start.kept()))
     return population
 
 
@@ -391,7 +405,7 @@ def _next_population(state: SearchState, settings: EEPSettings, num_experts: int
             if (child.signature() in signatures or child.signature() in state.seen) and attempts < 50:
                 continue  # already scored: draw another
         else:
-            child = _merge_child(a, b, settings, gen)
+            child = _merge_child(a, b, settings, gen, state.best_prune.kept())
         signatures.add(child.signature())
         population.append(child)
     return population
@@ -516,6 +530,7 @@ def search(
     sigma: float = 0.1,
     merge_rate: float = 0.1,
     swap_rate: float = 0.5,
+    merge_scope: str = "all",
     seed: int = 0,
     objective: str = "accuracy",
     init: Sequence[str] = ("frequency",),
@@ -552,6 +567,7 @@ def search(
         swap_rate=swap_rate,
         merge_rate=merge_rate,
         sigma=sigma,
+        merge_scope=merge_scope,
         seed=seed,
         objective=objective,
         init=tuple(init),
