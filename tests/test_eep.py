@@ -28,7 +28,7 @@ SMALL = dict(items=4, population=3, prune_iterations=2, merge_iterations=2, prog
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("eep")
-    return {f: build_tiny_model(f, root / f, seed=3) for f in ("mixtral", "qwen2_moe")}
+    return {f: build_tiny_model(f, root / f, seed=3) for f in ("mixtral", "qwen2_moe", "gpt_oss", "phimoe")}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def _fitness(checkpoint, task_file):
     return loaded, TaskFitness(loaded.model, loaded.adapter, data, batch_size=8)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "phimoe"])
 def test_one_hot_candidate_is_plain_pruning(family, tiny, task_file):
     loaded, fitness = _fitness(tiny[family], task_file)
     model, adapter = loaded.model, loaded.adapter

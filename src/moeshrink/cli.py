@@ -229,6 +229,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         seed=args.seed,
         objective=args.objective,
         init=args.init,
+        merge_scope=args.merge_scope,
         time_budget=args.time_budget,
         state_dir=args.state_dir,
         output=args.output,
@@ -328,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--init", nargs="+", default=["frequency"], help="scoring methods whose choice seeds the search"
+    )
+    p.add_argument(
+        "--merge-scope",
+        choices=["all", "dropped"],
+        default="all",
+        help="merge mutations move every entry, or only those bringing a removed expert into a kept one",
     )
     p.add_argument(
         "--time-budget", type=float, help="seconds for the whole search (stops after a generation)"
