@@ -28,10 +28,12 @@ from moeshrink.evaluate.speed import measure_speed
 from moeshrink.evaluate.tasks import run_lm_eval
 from moeshrink.io.checkpoint import load_model
 from moeshrink.pipeline import apply_plan, prune
+from moeshrink.plan import ModelPlan
 from moeshrink.report.tables import markdown_table
 from moeshrink.search import search
 from moeshrink.search.eep import fold_error
 from moeshrink.search.fitness import TaskFitness, WorkingCopy, build_task_data, read_items, resolve_task
+from moeshrink.surgery import set_top_k
 from moeshrink.testbed.paths import DOMAINS, corpus_dir, testbed_model_dir
 
 HELD_OUT = (100, 200)  # task items never seen by the search
@@ -132,9 +134,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per domain")
     parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md from OUT.json and stop")
+    parser.add_argument(
+        "--speed-only",
+        metavar="ROW",
+        help="re-measure speed (best of 5): unpruned and ROW's saved plan (e.g. 'eep:text@frequency+reap|8'), "
+        "each with top-2 and top-1; keeps the rest of OUT.json",
+    )
     args = parser.parse_args()
     if args.render_only:
         args.out.with_suffix(".md").write_text(render(json.loads(args.out.with_suffix(".json").read_text())))
+        return
+    if args.speed_only:
+        torch.set_num_threads(1)
+        remeasure_speed(args.out, args.speed_only)
         return
     args.task = f"moeshrink_{args.domain}"
     torch.set_num_threads(1)
@@ -227,6 +239,23 @@ def main() -> None:
         speed[name] = measure_speed(model)
     data["speed"] = speed
     _write(args.out, data, start)
+
+
+def remeasure_speed(out: Path, row: str) -> None:
+    """Speed of the unpruned testbed and of a searched plan, each with its top-k and with top-1."""
+    data = json.loads(out.with_suffix(".json").read_text())
+    plan = ModelPlan.model_validate(data["rows"][row]["plan"])
+    model_dir, start = testbed_model_dir(), time.perf_counter()
+    base = load_model(model_dir)
+    speed = {}
+    for name, model in (("unpruned", base.model), (_run(row), apply_plan(model_dir, plan).model)):
+        for k in (2, 1):
+            for layer in base.adapter.moe_layers(model):
+                set_top_k(layer, k)
+            speed[f"{name}, top-{k}"] = measure_speed(model, repeats=5)
+    data["speed"] = speed
+    data["speed_command"] = "OMP_NUM_THREADS=1 python benchmarks/eep.py " + " ".join(sys.argv[1:])
+    _write(out, data, start)
 
 
 def _write(out: Path, data: dict, start: float) -> None:
@@ -405,7 +434,13 @@ def render(data: dict) -> str:
         "",
         "## Speed: top-2 vs top-1",
         "",
-        "`evaluate/speed.py` (batch 4 x 128-token prompts, 32 greedy new tokens, best of 3), one thread.",
+        "`evaluate/speed.py` (batch 4 x 128-token prompts, 32 greedy new tokens), one thread, "
+        + (
+            "best of 5; a searched model's top-1 row is the same model with its top-k set to 1. Measured with:\n\n    "
+            + data["speed_command"]
+            if "speed_command" in data
+            else "best of 3; the eep top-1 model comes from a search run with top-1."
+        ),
         "",
         markdown_table(["model", "prefill tok/s", "decode tok/s", "parameters MiB"], speed_rows),
         "",
