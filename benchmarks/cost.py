@@ -90,19 +90,29 @@ def _prune(job: dict) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def peak_rss() -> int:
+    """This process's own peak resident size: ``VmHWM`` (per address space, so it starts afresh at
+    exec; ``ru_maxrss`` would carry over the parent's resident size at fork)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    from moeshrink.evaluate.speed import peak_rss_bytes
+
+    return peak_rss_bytes()
+
+
 def child(job: dict) -> None:
     import torch
 
-    from moeshrink.evaluate.speed import peak_rss_bytes
-
     torch.set_num_threads(1)
-    baseline = peak_rss_bytes()
+    baseline = peak_rss()
     start = time.perf_counter()
     extra = _floor(job) if job["kind"] == "floor" else _prune(job)
     seconds = time.perf_counter() - start
     print(
-        "RESULT "
-        + json.dumps({"seconds": seconds, "peak_rss": peak_rss_bytes(), "baseline_rss": baseline} | extra)
+        "RESULT " + json.dumps({"seconds": seconds, "peak_rss": peak_rss(), "baseline_rss": baseline} | extra)
     )
 
 
@@ -285,8 +295,6 @@ def main() -> None:
         child(json.loads(args.child))
         return
 
-    from make_synthetic import make_synthetic
-
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.scratch.mkdir(parents=True, exist_ok=True)
     previous = (
@@ -342,7 +350,11 @@ def main() -> None:
         if not path.exists():
             print(f"[{time.strftime('%H:%M:%S')}] writing {name} ({free / 1e9:.0f} GB free)", flush=True)
             t = time.perf_counter()
-            make_synthetic(path, size)
+            subprocess.run(
+                [sys.executable, str(HERE / "make_synthetic.py"), "--size-gb", str(size), "--out", str(path)],
+                check=True,
+                env=os.environ | {"OMP_NUM_THREADS": "1"},
+            )
             meta.setdefault("generation_seconds", {})[name] = time.perf_counter() - t
         try:
             run_checkpoint(name, path, methods, [True], common, 4, rows, save, args.timeout)
