@@ -187,3 +187,48 @@ def test_merged_candidate_exact_transfer_and_fold(tiny, task_file):
     apply_model_plan(exported, adapter, ModelPlan(method="eep", budget={"keep": 4}, top_k=2, layers=plans))
     row = (coefficients[0][0, :2].float() @ router[:2].float()).to(router.dtype)
     torch.testing.assert_close(adapter.moe_layers(exported)[0].router.weight[0], row)
+
+
+def test_exact_router_export_reloads_the_exact_transfer(tiny, task_file, tmp_path):
+    """A merged candidate saved with its exact transfer: moeshrink's loader routes exactly as the search
+    scored it; plain from_pretrained (and exact_router=False) get the folded standard router."""
+    from transformers import AutoModelForCausalLM
+
+    from moeshrink.io.export import export_checkpoint
+    from moeshrink.surgery.router_transfer import TRANSFER_FILENAME, transfer_state
+
+    loaded, fitness = _fitness(tiny["mixtral"], task_file)
+    model, adapter = loaded.model, loaded.adapter
+    layers = adapter.moe_layers(model)
+    candidate = Candidate.pruning({layer.index: [0, 2, 5, 7] for layer in layers}, 8)
+    for i in candidate.merge:
+        candidate.merge[i][0, :2] = 0.5
+        candidate.transfer[i][0, :2] = 1.0
+    ids = fitness.data.input_ids[:4]
+    with fitness.working.applied(candidate.merge, candidate.transfer, top_k=2), torch.no_grad():
+        exact = model(ids).logits
+    _, plans = fold_router(candidate, fitness, top_k=2)
+    routers = {layer.index: dict(layer.router_tensors()) for layer in layers}
+    sidecar = transfer_state(routers, candidate.transfer)
+    plan = ModelPlan(method="eep", budget={"keep": 4}, top_k=2, layers=plans)
+    apply_model_plan(model, adapter, plan)
+    export_checkpoint(
+        model,
+        adapter,
+        plan,
+        tmp_path / "o",
+        tokenizer=loaded.tokenizer,
+        sidecars={TRANSFER_FILENAME: sidecar},
+    )
+    with torch.no_grad():
+        reloaded = load_model(tmp_path / "o").model(ids).logits
+        folded = load_model(tmp_path / "o", exact_router=False).model(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()(ids).logits
+    torch.testing.assert_close(reloaded, exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(folded, exact, atol=1e-4)  # a mixed row does not fold exactly
+
+    result = search(tiny["mixtral"], task_file, keep=4, output=tmp_path / "s", exact_router=True, **SMALL)
+    assert (tmp_path / "s" / TRANSFER_FILENAME).is_file()
+    assert result.plan.method_options["exact_router"] == TRANSFER_FILENAME
+    load_model(tmp_path / "s")  # installs the transfer without complaint

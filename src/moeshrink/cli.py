@@ -234,6 +234,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         output=args.output,
         overwrite=args.overwrite,
+        exact_router=args.exact_router,
         progress=not args.quiet,
     )
     if distributed.rank() == 0:
@@ -342,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", help="save the search state here after every generation; resume from it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True)
+    p.add_argument(
+        "--exact-router",
+        action="store_true",
+        help="also save the exact router transfer; moeshrink eval and load_model route by it",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_search)

@@ -18,6 +18,7 @@ from moeshrink.errors import MoeShrinkError
 from moeshrink.plan import LayerPlan
 from moeshrink.surgery import apply_layer_plan
 from moeshrink.surgery.apply import PER_LAYER_KEY
+from moeshrink.surgery.router_transfer import TRANSFER_FILENAME, install_router_transfer
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -163,12 +164,18 @@ def load_tokenizer(path: Path):
 
 
 def load_model(
-    path: str | Path, dtype: str = "auto", tokenizer: object | None = None, device: str = "cpu"
+    path: str | Path,
+    dtype: str = "auto",
+    tokenizer: object | None = None,
+    device: str = "cpu",
+    exact_router: bool = True,
 ) -> LoadedModel:
     """Validate the files, load the model on CPU in eval mode, and check its weights are finite.
 
     When the work happens on the CPU the experts run through transformers' eager loop, which there
-    is many times faster than the default grouped-matmul kernels (30x on the testbed)."""
+    is many times faster than the default grouped-matmul kernels (30x on the testbed). A checkpoint
+    saved with its exact router transfer routes by it unless ``exact_router`` is False (then by the
+    folded rows in its standard weights, as transformers and vLLM do)."""
     path = resolve_checkpoint(path)
     _, adapter = load_config(path)
     for file in weight_files(path):
@@ -186,4 +193,7 @@ def load_model(
     if not layers:
         raise MoeShrinkError(f"{path}: no MoE layers found in this {adapter.model_type} model")
     adapter.check_weights_layout(layers[0])
+    transfer = path / TRANSFER_FILENAME
+    if exact_router and transfer.is_file():  # an EEP export's exact router transfer (see router_transfer)
+        install_router_transfer(model, adapter, load_file(transfer))
     return LoadedModel(model=model, adapter=adapter, path=path, tokenizer=tokenizer or load_tokenizer(path))

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -99,18 +100,22 @@ def export_checkpoint(
     tokenizer=None,
     model_card: str | None = None,
     overwrite: bool = False,
+    sidecars: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Save ``model`` with per-expert keys (transformers' original on-disk format), the tokenizer,
     the plan and a model card to ``output``.
 
     With different expert counts per layer the tensors are saved fused (the layout in memory, which
     needs no per-family key conversion) and config.json lists the counts; ``moeshrink.load_model``
-    reloads such a checkpoint exactly."""
+    reloads such a checkpoint exactly. ``sidecars`` are further safetensors files written inside the
+    same atomic directory (e.g. the exact router transfer)."""
     counts = plan.num_experts_after
     uniform = len(set(counts)) == 1
     with atomic_directory(output, overwrite) as tmp:
         model.save_pretrained(tmp, save_original_format=uniform)
         write_extras(tmp, adapter, plan, source=source, tokenizer=tokenizer, model_card=model_card)
+        for name, tensors in (sidecars or {}).items():
+            save_file(tensors, tmp / name, metadata={"format": "pt"})
     return Path(output)
 
 

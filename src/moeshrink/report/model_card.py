@@ -92,8 +92,16 @@ def _serving_note(plan: ModelPlan, after: ModelInfo) -> str:
             "`moeshrink.io.checkpoint.load_model(DIR)`, or `moeshrink eval DIR`. Plain `from_pretrained`, vLLM and "
             "SGLang build one expert count for every layer and cannot load it; prune with a uniform budget to serve."
         )
-    return (
+    note = (
         f"The checkpoint is a standard {family} checkpoint with one expert count for every layer, so vLLM and "
         "SGLang serve it as they serve the original (`vllm serve DIR`). A pruned expert count may have no tuned "
         "fused-MoE kernel configuration in vLLM, which then logs 'Using default MoE config'."
     )
+    transfer = plan.method_options.get("exact_router")
+    if transfer:
+        note += (
+            f" Its router rows are a least-squares fold of the searched router transfer; `{transfer}` holds the "
+            "exact transfer (the original router and T per layer), which `moeshrink.io.checkpoint.load_model(DIR)` "
+            "and `moeshrink eval DIR` route by (pass `exact_router=False` for the folded rows)."
+        )
+    return note

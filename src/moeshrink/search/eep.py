@@ -61,6 +61,7 @@ from moeshrink.search.fitness import (
     resolve_task,
 )
 from moeshrink.surgery import apply_model_plan
+from moeshrink.surgery.router_transfer import TRANSFER_FILENAME, transfer_state
 
 STATE_FORMAT = "moeshrink-eep-state/1"
 STATE_FILENAME = "eep_state.json"
@@ -538,6 +539,7 @@ def search(
     state_dir: str | Path | None = None,
     output: str | Path | None = None,
     overwrite: bool = False,
+    exact_router: bool = False,
     batch_size: int = 32,
     dtype: str = "auto",
     stop_after: int | None = None,
@@ -548,7 +550,10 @@ def search(
     ``top_k`` active, and (with ``output``) export the best candidate with a standard router.
 
     ``merge_iterations=0`` is the prune-only search. With ``state_dir`` the search resumes from the
-    state it finds there. Under torchrun every rank scores its slice of each generation."""
+    state it finds there. Under torchrun every rank scores its slice of each generation. With
+    ``exact_router`` the export also carries the exact router transfer
+    (:mod:`moeshrink.surgery.router_transfer`), which ``moeshrink.load_model`` and ``moeshrink eval``
+    route by; the standard weights keep the folded router for transformers and vLLM."""
     if output is not None:
         check_output_dir(output, overwrite)
     path = resolve_checkpoint(model)
@@ -651,6 +656,11 @@ def search(
 
     (coefficients, plan), (_, prune_plan) = plan_of(best, "prune+merge"), plan_of(best_prune, "prune")
     fitness.working.restore()  # the model is the original again; from here on it is the exported one
+    sidecars = {}
+    if exact_router:
+        routers = {i: dict(layer.router_tensors()) for i, layer in fitness.working.layers.items()}
+        sidecars[TRANSFER_FILENAME] = transfer_state(routers, best.transfer)
+        plan.method_options["exact_router"] = TRANSFER_FILENAME
     apply_model_plan(model_, adapter, plan)
     timings["fold"] = time.perf_counter() - t
     result = SearchResult(
@@ -678,6 +688,7 @@ def search(
                 tokenizer=tokenizer,
                 model_card=card,
                 overwrite=overwrite,
+                sidecars=sidecars,
             )
         distributed.barrier()
         result.output = Path(output)

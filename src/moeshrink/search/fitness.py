@@ -22,27 +22,18 @@ import torch
 from torch import nn
 
 from moeshrink.arch import FamilyAdapter, MoELayer
-from moeshrink.arch.routing import sigmoid_probabilities
 from moeshrink.calib.runner import _move, capture_layer_inputs, run_layer
 from moeshrink.errors import MoeShrinkError
 from moeshrink.evaluate.tasks import known_tasks
 from moeshrink.plan import LayerPlan, NewExpert
 from moeshrink.surgery import apply_layer_plan, set_top_k
+from moeshrink.surgery.router_transfer import one_hot_rows, transfer_logits
 
 # Router logits kept per MoE layer when recording (for fitting the exported router rows).
 MAX_RECORDED_TOKENS = 16384
 
 
 # ----------------------------------------------------------------------------------- candidates
-
-
-def one_hot_rows(matrix: torch.Tensor) -> list[int] | None:
-    """The column of each row when every row is exactly one 1 and zeros elsewhere, else None."""
-    ones = (matrix == 1).sum(1) == 1
-    zeros = (matrix == 0).sum(1) == matrix.shape[1] - 1
-    if not bool((ones & zeros).all()):
-        return None
-    return matrix.argmax(1).tolist()
 
 
 def expert_rows(layer_index: int, merge: torch.Tensor) -> LayerPlan:
@@ -58,22 +49,6 @@ def expert_rows(layer_index: int, merge: torch.Tensor) -> LayerPlan:
         weights = [float(row[s]) for s in sources]
         experts.append(NewExpert(sources=sources, weights=weights, router_weights=weights))
     return LayerPlan(layer=layer_index, num_experts_before=merge.shape[1], experts=experts)
-
-
-def transfer_logits(layer: MoELayer, logits: torch.Tensor, transfer: torch.Tensor) -> torch.Tensor:
-    """Router logits [N, K] of the new experts under the exact transfer ``transfer [K, E]``.
-
-    Softmax routers: ``log sum_j T_ij exp(l_j)``, whose softmax over the K new experts is the
-    transferred probability renormalised (one-hot rows: the plain kept logit, so pruning is exact).
-    Sigmoid routers: the logit of ``sum_j T_ij sigmoid(l_j)``."""
-    kept = one_hot_rows(transfer)
-    if kept is not None:
-        return logits[:, kept].float()
-    t = transfer.to(device=logits.device, dtype=torch.float32)
-    if layer.probabilities is sigmoid_probabilities:
-        total = (torch.sigmoid(logits.float()) @ t.T).clamp(1e-6, 1 - 1e-6)
-        return torch.log(total) - torch.log1p(-total)
-    return torch.logsumexp(logits.float()[:, None, :] + t.log()[None], dim=-1)
 
 
 @dataclass

@@ -1,0 +1,103 @@
+"""Exact router transfer: route K new experts with the original E-way router and a matrix T [K, E].
+
+New expert i receives the routing probability ``sum_j T_ij p_j(x)`` of the original router. No
+standard router (a linear map then the family's scoring rule) computes that when a row of T mixes
+experts, so a merged checkpoint normally carries a least-squares fold of T into ordinary router rows
+(what transformers and vLLM load). For when that approximation matters, the exact transfer can be
+saved beside the checkpoint in TRANSFER_FILENAME, a documented per-layer format:
+
+* ``"{layer}.router.{name}"`` — the original router's tensors (``weight [E, H]``, and ``bias`` when
+  the family's router has one), and
+* ``"{layer}.transfer"`` — ``T [K, E]``,
+
+and :func:`moeshrink.io.checkpoint.load_model` then installs it: each router keeps its folded rows in
+the standard weights, but its forward computes the original E logits, transfers them, and routes the
+K experts by the family's own rule.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from moeshrink.arch import FamilyAdapter, MoELayer
+from moeshrink.arch.routing import sigmoid_probabilities
+
+TRANSFER_FILENAME = "moeshrink_router_transfer.safetensors"
+
+
+def one_hot_rows(matrix: torch.Tensor) -> list[int] | None:
+    """The column of each row when every row is exactly one 1 and zeros elsewhere, else None."""
+    ones = (matrix == 1).sum(1) == 1
+    zeros = (matrix == 0).sum(1) == matrix.shape[1] - 1
+    if not bool((ones & zeros).all()):
+        return None
+    return matrix.argmax(1).tolist()
+
+
+def transfer_logits(layer: MoELayer, logits: torch.Tensor, transfer: torch.Tensor) -> torch.Tensor:
+    """Router logits [N, K] of the new experts under the exact transfer ``transfer [K, E]``.
+
+    Softmax routers: ``log sum_j T_ij exp(l_j)``, whose softmax over the K new experts is the
+    transferred probability renormalised (one-hot rows: the plain kept logit, so pruning is exact).
+    Sigmoid routers: the logit of ``sum_j T_ij sigmoid(l_j)``."""
+    kept = one_hot_rows(transfer)
+    if kept is not None:
+        return logits[:, kept].float()
+    t = transfer.to(device=logits.device, dtype=torch.float32)
+    if layer.probabilities is sigmoid_probabilities:
+        total = (torch.sigmoid(logits.float()) @ t.T).clamp(1e-6, 1 - 1e-6)
+        return torch.log(total) - torch.log1p(-total)
+    return torch.logsumexp(logits.float()[:, None, :] + t.log()[None], dim=-1)
+
+
+def transfer_state(
+    original_routers: dict[int, dict[str, torch.Tensor]], transfers: dict[int, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The tensors of TRANSFER_FILENAME for these layers' original router tensors and transfers."""
+    state = {}
+    for index, transfer in transfers.items():
+        for name, tensor in original_routers[index].items():
+            state[f"{index}.router.{name}"] = tensor.detach().cpu().clone().contiguous()
+        state[f"{index}.transfer"] = transfer.detach().float().cpu().contiguous()
+    return state
+
+
+def install_router_transfer(
+    model: nn.Module, adapter: FamilyAdapter, state: dict[str, torch.Tensor]
+) -> list[int]:
+    """Make the routers of ``model`` route by the exact transfers in ``state`` (see the module
+    docstring); returns the layers changed. The standard (folded) router rows stay in place."""
+    layers = {layer.index: layer for layer in adapter.moe_layers(model)}
+    changed = sorted({int(key.split(".")[0]) for key in state})
+    for index in changed:
+        layer = layers[index]
+        transfer = state[f"{index}.transfer"]
+        prefix = f"{index}.router."
+        original = copy.deepcopy(layer.router)  # the family's own logit computation, with the E rows
+        for key, tensor in state.items():
+            if key.startswith(prefix):
+                name = key[len(prefix) :]
+                value = tensor.to(device=layer.router.weight.device, dtype=getattr(layer.router, name).dtype)
+                setattr(original, name, nn.Parameter(value, requires_grad=False))
+        if hasattr(original, "num_experts"):
+            original.num_experts = transfer.shape[1]
+        if hasattr(original, "out_features"):
+            original.out_features = transfer.shape[1]
+        layer.router.forward = _exact_forward(layer, original, transfer)
+    return changed
+
+
+def _exact_forward(layer: MoELayer, original: nn.Module, transfer: torch.Tensor):
+    def forward(hidden_states: torch.Tensor):
+        if original.weight.device != hidden_states.device:  # not a submodule: model.to() does not move it
+            original.to(hidden_states.device)
+        original.top_k = min(layer.top_k, transfer.shape[1])  # only its logits are used
+        logits, weights, _ = original(hidden_states)
+        new_logits = transfer_logits(layer, logits, transfer)
+        new_weights, new_index = layer.route(new_logits)
+        return new_logits.to(logits.dtype), new_weights.to(weights.dtype), new_index
+
+    return forward
