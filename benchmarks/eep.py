@@ -83,6 +83,7 @@ def run_eep(args, model_dir: Path, keep: int, top_k: int | None, heldout, window
         init=args.init,
         merge_scope=args.merge_scope,
         sigma=args.sigma,
+        active_experts=args.active_experts,
         progress=False,
     )
     wall = time.perf_counter() - t
@@ -108,7 +109,7 @@ def run_eep(args, model_dir: Path, keep: int, top_k: int | None, heldout, window
     working = WorkingCopy(exact.model, exact.adapter)
     k = result.plan.top_k
     row["fold_error"] = fold_error(result.best, result.coefficients, working, windows[args.domain][:16], k)
-    with working.applied(result.best.merge, result.best.transfer, k):
+    with working.applied(result.best.merge, result.best.transfer, result.best.routing(k)):
         row["prune+merge exact router"] = evaluate(exact.model, adapter, heldout, windows)
     row["_model"] = result.model
     return row
@@ -130,6 +131,11 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.1, help="merge-stage mutation size")
     parser.add_argument("--init", nargs="+", default=["frequency"], help="scoring methods seeding the search")
     parser.add_argument("--no-top1", action="store_true", help="skip the top-1 search and the speed runs")
+    parser.add_argument(
+        "--active-experts",
+        type=float,
+        help="also search each layer's top-k at this mean (rows ~active=X, with their speed)",
+    )
     parser.add_argument("--samples", type=int, default=64, help="calibration sequences for the baselines")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per domain")
@@ -189,6 +195,7 @@ def main() -> None:
     eep += "" if args.init == ["frequency"] else "@" + "+".join(args.init)
     eep += "" if args.merge_scope == "all" else f"~{args.merge_scope}"
     eep += "" if args.sigma == 0.1 else f"~sigma={args.sigma}"
+    eep += "" if args.active_experts is None else f"~active={args.active_experts:g}"
     print(
         f"[eep] baseline {data['baseline']['accuracy']:.3f}, floor {data['floor_seconds']:.2f}s", flush=True
     )
@@ -217,6 +224,9 @@ def main() -> None:
             continue
         row = run_eep(args, model_dir, keep, None, heldout, windows)
         models[keep] = row.pop("_model")
+        if args.active_experts is not None:
+            row["active_top_k"] = {str(i): k for i, k in sorted(row_top_k(row).items())}
+            row["speed"] = measure_speed(models[keep])
         data["rows"][f"{eep}|{keep}"] = row
         print(f"[eep] keep {keep}: {json.dumps(row['search'], default=str)[:300]}", flush=True)
 
@@ -239,6 +249,12 @@ def main() -> None:
         speed[name] = measure_speed(model)
     data["speed"] = speed
     _write(args.out, data, start)
+
+
+def row_top_k(row: dict) -> dict[int, int]:
+    """Each MoE layer's top-k in a row's plan."""
+    plan = row["plan"]
+    return {lp["layer"]: lp.get("top_k") or plan["top_k"] for lp in plan["layers"]}
 
 
 def remeasure_speed(out: Path, row: str) -> None:

@@ -232,3 +232,38 @@ def test_exact_router_export_reloads_the_exact_transfer(tiny, task_file, tmp_pat
     assert (tmp_path / "s" / TRANSFER_FILENAME).is_file()
     assert result.plan.method_options["exact_router"] == TRANSFER_FILENAME
     load_model(tmp_path / "s")  # installs the transfer without complaint
+
+
+def test_active_experts_search_per_layer_top_k_and_reload(tiny, task_file, tmp_path):
+    """With a mean of 1.5 active experts the search picks each layer's top-k (1 or 2, the total fixed);
+    the export records them and moeshrink's loader routes each layer with its own."""
+    from transformers import AutoModelForCausalLM
+
+    from moeshrink.surgery.apply import TOP_K_PER_LAYER_KEY
+
+    kwargs = SMALL | dict(keep=4, active_experts=1.5, seed=1)
+    result = search(tiny["mixtral"], task_file, output=tmp_path / "o", **kwargs)
+    per_layer = result.best.top_k
+    assert set(per_layer.values()) <= {1, 2} and sum(per_layer.values()) == round(1.5 * len(per_layer))
+    again = search(tiny["mixtral"], task_file, **kwargs)
+    assert again.best.top_k == per_layer and again.best.signature() == result.best.signature()
+
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["num_experts_per_tok"] == 2
+    assert [config[TOP_K_PER_LAYER_KEY][i] for i in sorted(per_layer)] == [
+        per_layer[i] for i in sorted(per_layer)
+    ]
+    reloaded = load_model(tmp_path / "o")
+    assert {layer.index: layer.top_k for layer in reloaded.adapter.moe_layers(reloaded.model)} == per_layer
+    ids = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():  # the search's exported model in memory routes the same way
+        torch.testing.assert_close(reloaded.model(ids).logits, result.model(ids).logits, rtol=1e-5, atol=1e-5)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "o")  # transformers: the largest top-k everywhere
+    assert {layer.top_k for layer in reloaded.adapter.moe_layers(plain)} == {2}
+
+
+@pytest.mark.parametrize("active", [0.5, 2.5])
+def test_bad_active_experts_fail_early(active, tiny, task_file, tmp_path):
+    with pytest.raises(MoeShrinkError, match="active experts per token must lie in"):
+        search(tiny["mixtral"], task_file, keep=4, active_experts=active, output=tmp_path / "o", **SMALL)
+    assert not (tmp_path / "o").exists()

@@ -235,6 +235,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         output=args.output,
         overwrite=args.overwrite,
         exact_router=args.exact_router,
+        active_experts=args.active_experts,
         progress=not args.quiet,
     )
     if distributed.rank() == 0:
@@ -343,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", help="save the search state here after every generation; resume from it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True)
+    p.add_argument(
+        "--active-experts",
+        type=float,
+        help="also search each layer's top-k (1..top-k) with this mean active experts per token, e.g. 1.5",
+    )
     p.add_argument(
         "--exact-router",
         action="store_true",

@@ -64,6 +64,9 @@ class LayerPlan(BaseModel):
     experts: list[NewExpert]
     scores: list[float] | None = None
     sparsity: dict[str, Any] | None = None
+    top_k: int | None = Field(
+        default=None, description="this layer's active experts, when not the plan's top_k"
+    )
     details: dict[str, Any] | None = Field(
         default=None, description="what the method did in this layer beyond the result (e.g. its search cost)"
     )

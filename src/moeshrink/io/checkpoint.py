@@ -16,8 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from moeshrink.arch import FamilyAdapter, get_adapter
 from moeshrink.errors import MoeShrinkError
 from moeshrink.plan import LayerPlan
-from moeshrink.surgery import apply_layer_plan
-from moeshrink.surgery.apply import PER_LAYER_KEY
+from moeshrink.surgery import apply_layer_plan, set_top_k
+from moeshrink.surgery.apply import PER_LAYER_KEY, TOP_K_PER_LAYER_KEY
 from moeshrink.surgery.router_transfer import TRANSFER_FILENAME, install_router_transfer
 
 TOKENIZER_FILES = (
@@ -193,6 +193,10 @@ def load_model(
     if not layers:
         raise MoeShrinkError(f"{path}: no MoE layers found in this {adapter.model_type} model")
     adapter.check_weights_layout(layers[0])
+    per_layer_top_k = getattr(config, TOP_K_PER_LAYER_KEY, None)
+    if per_layer_top_k:  # routers were built with the largest top-k
+        for layer in layers:
+            set_top_k(layer, int(per_layer_top_k[layer.index]))
     transfer = path / TRANSFER_FILENAME
     if exact_router and transfer.is_file():  # an EEP export's exact router transfer (see router_transfer)
         install_router_transfer(model, adapter, load_file(transfer))

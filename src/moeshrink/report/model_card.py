@@ -97,6 +97,12 @@ def _serving_note(plan: ModelPlan, after: ModelInfo) -> str:
         "SGLang serve it as they serve the original (`vllm serve DIR`). A pruned expert count may have no tuned "
         "fused-MoE kernel configuration in vLLM, which then logs 'Using default MoE config'."
     )
+    if any(lp.top_k is not None for lp in plan.layers):
+        note += (
+            " Layers route to different numbers of experts per token (config field `moeshrink_top_k_per_layer`): "
+            "transformers and vLLM read `num_experts_per_tok`, the largest, and use it in every layer; "
+            "`moeshrink.io.checkpoint.load_model(DIR)` and `moeshrink eval DIR` give each layer its own."
+        )
     transfer = plan.method_options.get("exact_router")
     if transfer:
         note += (

@@ -85,6 +85,9 @@ class EEPSettings:
     objective: str = "accuracy"
     init: tuple[str, ...] = ("frequency",)  # scoring methods whose choice on the task text seeds the search
     time_budget: float | None = None  # seconds for the whole search (checked after each generation)
+    # Mean active experts per token over the MoE layers: with it, each layer's top-k (1..top_k) is
+    # searched too, the total fixed (e.g. 1.5 with top-2: half the layers route to one expert).
+    active_experts: float | None = None
 
     def check(self) -> None:
         if self.population < 2 or not 1 <= self.elite < self.population:
@@ -102,27 +105,39 @@ class EEPSettings:
             )
         if self.merge_scope not in ("all", "dropped"):
             raise MoeShrinkError(f"merge scope must be 'all' or 'dropped', got {self.merge_scope!r}")
+        if self.active_experts is not None and not 1 <= self.active_experts <= self.top_k:
+            raise MoeShrinkError(
+                f"active experts per token must lie in [1, top-k = {self.top_k}], got {self.active_experts}"
+            )
         if self.sigma <= 0 or not 0 < self.merge_rate <= 1 or not 0 <= self.swap_rate <= 1:
             raise MoeShrinkError("sigma must be > 0, merge-rate in (0, 1] and swap-rate in [0, 1]")
 
 
 @dataclass
 class Candidate:
-    """Per MoE layer: merge matrix M [K, E] and router transfer T [K, E] (float64)."""
+    """Per MoE layer: merge matrix M [K, E] and router transfer T [K, E] (float64), and (when the
+    search covers active experts) the layer's top-k."""
 
     merge: dict[int, torch.Tensor]
     transfer: dict[int, torch.Tensor]
     fitness: Fitness | None = None
+    top_k: dict[int, int] | None = None
 
     @classmethod
-    def pruning(cls, kept: dict[int, list[int]], num_experts: int) -> Candidate:
+    def pruning(
+        cls, kept: dict[int, list[int]], num_experts: int, top_k: dict[int, int] | None = None
+    ) -> Candidate:
         """One-hot rows keeping ``kept[layer]`` (sorted, like :meth:`LayerPlan.keep`), T = M."""
         merge = {}
         for i, experts in kept.items():
             m = torch.zeros(len(experts), num_experts, dtype=torch.float64)
             m[torch.arange(len(experts)), torch.tensor(sorted(experts))] = 1.0
             merge[i] = m
-        return cls(merge=merge, transfer={i: m.clone() for i, m in merge.items()})
+        return cls(merge=merge, transfer={i: m.clone() for i, m in merge.items()}, top_k=top_k)
+
+    def routing(self, top_k: int) -> int | dict[int, int]:
+        """The top-k to evaluate this candidate with: its own per layer, else the search's."""
+        return self.top_k if self.top_k is not None else top_k
 
     def kept(self) -> dict[int, list[int]]:
         return {i: one_hot_rows(m) for i, m in self.merge.items()}
@@ -131,6 +146,8 @@ class Candidate:
         digest = hashlib.sha1()
         for i, m in sorted(self.merge.items()):
             digest.update(f"{i}:".encode() + m.numpy().tobytes() + self.transfer[i].numpy().tobytes())
+        if self.top_k is not None:
+            digest.update(json.dumps(sorted(self.top_k.items())).encode())
         return digest.hexdigest()
 
     def to_json(self) -> dict[str, Any]:
@@ -138,6 +155,7 @@ class Candidate:
             "merge": {str(i): m.tolist() for i, m in self.merge.items()},
             "transfer": {str(i): t.tolist() for i, t in self.transfer.items()},
             "fitness": None if self.fitness is None else self.fitness.to_dict(),
+            "top_k": None if self.top_k is None else {str(i): k for i, k in self.top_k.items()},
         }
 
     @classmethod
@@ -146,7 +164,10 @@ class Candidate:
             return {int(i): torch.tensor(v, dtype=torch.float64) for i, v in d.items()}
 
         fitness = Fitness(**data["fitness"]) if data.get("fitness") else None
-        return cls(merge=tensors(data["merge"]), transfer=tensors(data["transfer"]), fitness=fitness)
+        top_k = {int(i): int(k) for i, k in data["top_k"].items()} if data.get("top_k") else None
+        return cls(
+            merge=tensors(data["merge"]), transfer=tensors(data["transfer"]), fitness=fitness, top_k=top_k
+        )
 
 
 # -------------------------------------------------------------------------------------- operators
@@ -158,6 +179,44 @@ def _generator(seed: int, stage: str, generation: int) -> torch.Generator:
 
 def _random_subset(num_experts: int, keep: int, gen: torch.Generator) -> list[int]:
     return sorted(torch.randperm(num_experts, generator=gen)[:keep].tolist())
+
+
+def _spread_top_k(
+    layers: list[int], settings: EEPSettings, gen: torch.Generator | None
+) -> dict[int, int] | None:
+    """Per-layer top-k summing to ``active_experts`` x layers: spread evenly (``gen`` None) or at random."""
+    if settings.active_experts is None:
+        return None
+    total = round(settings.active_experts * len(layers))
+    high = total - len(layers)  # layers routing to more than one expert, one unit each above 1
+    top_k = dict.fromkeys(layers, 1)
+    order = (
+        layers if gen is None else [layers[j] for j in torch.randperm(len(layers), generator=gen).tolist()]
+    )
+    for n in range(high):
+        top_k[order[n % len(order)]] += 1
+    return {i: min(k, settings.top_k) for i, k in top_k.items()}
+
+
+def _move_top_k(
+    top_k: dict[int, int] | None, settings: EEPSettings, gen: torch.Generator
+) -> dict[int, int] | None:
+    """Move one active expert from one layer to another (the total stays)."""
+    if top_k is None:
+        return None
+    down = [i for i, k in top_k.items() if k > 1]
+    up = [i for i, k in top_k.items() if k < settings.top_k]
+    if not down or not up:
+        return dict(top_k)
+    a, b = (
+        down[int(torch.randint(len(down), (1,), generator=gen))],
+        up[int(torch.randint(len(up), (1,), generator=gen))],
+    )
+    moved = dict(top_k)
+    if a != b:
+        moved[a] -= 1
+        moved[b] += 1
+    return moved
 
 
 def _tournament(population: list[Candidate], gen: torch.Generator) -> Candidate:
@@ -176,7 +235,10 @@ def _prune_child(a: Candidate, b: Candidate, settings: EEPSettings, num_experts:
                 out = int(torch.randint(len(chosen), (1,), generator=gen))
                 chosen[out] = dropped[int(torch.randint(len(dropped), (1,), generator=gen))]
         kept[i] = sorted(chosen)
-    return Candidate.pruning(kept, num_experts)
+    top_k = a.top_k if torch.rand(1, generator=gen).item() < 0.5 else b.top_k
+    if torch.rand(1, generator=gen).item() < settings.swap_rate:
+        top_k = _move_top_k(top_k, settings, gen)
+    return Candidate.pruning(kept, num_experts, top_k)
 
 
 def _mutate_merge(
@@ -201,7 +263,7 @@ def _mutate_merge(
         t = t.clamp(min=0)
         t[empty] = c.transfer[i][empty]  # a row with no mass left keeps its parent's row
         merge[i], transfer[i] = m, t
-    return Candidate(merge=merge, transfer=transfer)
+    return Candidate(merge=merge, transfer=transfer, top_k=c.top_k)
 
 
 def _merge_child(
@@ -212,7 +274,7 @@ def _merge_child(
         take_b = torch.rand(a.merge[i].shape[0], generator=gen) < 0.5
         merge[i] = torch.where(take_b[:, None], b.merge[i], a.merge[i])
         transfer[i] = torch.where(take_b[:, None], b.transfer[i], a.transfer[i])
-    return _mutate_merge(Candidate(merge=merge, transfer=transfer), settings, gen, anchors)
+    return _mutate_merge(Candidate(merge=merge, transfer=transfer, top_k=a.top_k), settings, gen, anchors)
 
 
 # ------------------------------------------------------------------------------------------ state
@@ -291,7 +353,7 @@ def _evaluate(population: list[Candidate], fitness: TaskFitness, top_k: int, sta
     for position, n in enumerate(todo):
         if position % distributed.world_size() == distributed.rank():
             c = population[n]
-            mine[n] = fitness.evaluate(c.merge, c.transfer, top_k).to_dict()
+            mine[n] = fitness.evaluate(c.merge, c.transfer, c.routing(top_k)).to_dict()
     if distributed.is_active():
         parts: list[dict] = [{} for _ in range(distributed.world_size())]
         dist.all_gather_object(parts, mine)
@@ -375,20 +437,23 @@ def _initial_population(
 ) -> list[Candidate]:
     if state.stage == "prune":
         population = []
+        layers = sorted(initial[0])
         for kept in initial:
-            c = Candidate.pruning(kept, num_experts)
+            c = Candidate.pruning(kept, num_experts, _spread_top_k(layers, settings, None))
             if c.signature() not in {p.signature() for p in population}:
                 population.append(c)
         population = population[: settings.population]
         while len(population) < settings.population:
             population.append(
                 Candidate.pruning(
-                    {i: _random_subset(num_experts, settings.keep, gen) for i in initial[0]}, num_experts
+                    {i: _random_subset(num_experts, settings.keep, gen) for i in initial[0]},
+                    num_experts,
+                    _spread_top_k(layers, settings, gen),
                 )
             )
         return population
     start = state.best_prune
-    population = [Candidate(start.merge, start.transfer, start.fitness)]
+    population = [Candidate(start.merge, start.transfer, start.fitness, start.top_k)]
     while len(population) < settings.population:
         population.append(_mutate_merge(start, settings, gen, start.kept()))
     return population
@@ -423,7 +488,11 @@ def fold_router(
     candidate's layers see on the fitness data."""
     layers = fitness.working.layers
     needs_fit = any(one_hot_rows(t) is None for t in candidate.transfer.values())
-    logits = fitness.record_logits(candidate.merge, candidate.transfer, top_k) if needs_fit else {}
+    logits = (
+        fitness.record_logits(candidate.merge, candidate.transfer, candidate.routing(top_k))
+        if needs_fit
+        else {}
+    )
     coefficients, plans = {}, []
     for i in sorted(candidate.merge):
         m, t = candidate.merge[i], candidate.transfer[i]
@@ -449,7 +518,8 @@ def fold_router(
                     )
                 )
         coefficients[i] = c
-        plans.append(LayerPlan(layer=i, num_experts_before=m.shape[1], experts=experts))
+        layer_top_k = candidate.top_k[i] if candidate.top_k and candidate.top_k[i] != top_k else None
+        plans.append(LayerPlan(layer=i, num_experts_before=m.shape[1], experts=experts, top_k=layer_top_k))
     return coefficients, plans
 
 
@@ -466,7 +536,7 @@ def fold_error(
     experts, both on the same layer inputs."""
     working.compare = {i: (c, RoutingComparison()) for i, c in coefficients.items()}
     try:
-        with working.applied(candidate.merge, candidate.transfer, top_k), torch.no_grad():
+        with working.applied(candidate.merge, candidate.transfer, candidate.routing(top_k)), torch.no_grad():
             for start in range(0, windows.shape[0], 8):
                 working.model(input_ids=windows[start : start + 8])
         return {i: acc.to_dict() for i, (_, acc) in working.compare.items()}
@@ -540,6 +610,7 @@ def search(
     output: str | Path | None = None,
     overwrite: bool = False,
     exact_router: bool = False,
+    active_experts: float | None = None,
     batch_size: int = 32,
     dtype: str = "auto",
     stop_after: int | None = None,
@@ -577,6 +648,7 @@ def search(
         objective=objective,
         init=tuple(init),
         time_budget=time_budget,
+        active_experts=active_experts,
     )
     settings.check()
     task_path = resolve_task(task)

@@ -121,10 +121,15 @@ class WorkingCopy:
             set_top_k(layer, top_k)
         self.active = False
 
-    def apply(self, merge: dict[int, torch.Tensor], transfer: dict[int, torch.Tensor], top_k: int) -> None:
-        """Write a candidate (per MoE layer ``M``, ``T``) into the model, replacing any earlier one."""
+    def apply(
+        self, merge: dict[int, torch.Tensor], transfer: dict[int, torch.Tensor], top_k: int | dict[int, int]
+    ) -> None:
+        """Write a candidate (per MoE layer ``M``, ``T``, and top-k: one or per layer) into the model,
+        replacing any earlier one."""
         self.restore()
+        per_layer = top_k if isinstance(top_k, dict) else dict.fromkeys(self.layers, top_k)
         for i, layer in self.layers.items():
+            top_k = per_layer[i]
             _, router_tensors, _, out_features, _ = self._saved[i]
             original = layer.router.forward
             apply_layer_plan(layer, expert_rows(i, merge[i]))
@@ -178,7 +183,7 @@ class WorkingCopy:
 
     @contextmanager
     def applied(
-        self, merge: dict[int, torch.Tensor], transfer: dict[int, torch.Tensor], top_k: int
+        self, merge: dict[int, torch.Tensor], transfer: dict[int, torch.Tensor], top_k: int | dict[int, int]
     ) -> Iterator[None]:
         self.apply(merge, transfer, top_k)
         try:
@@ -379,7 +384,7 @@ class TaskFitness:
         return Fitness(value=value, accuracy=accuracy, nll=nll, text_nll=text_nll)
 
     def evaluate(
-        self, merge: dict[int, torch.Tensor], transfer: dict[int, torch.Tensor], top_k: int
+        self, merge: dict[int, torch.Tensor], transfer: dict[int, torch.Tensor], top_k: int | dict[int, int]
     ) -> Fitness:
         """Fitness of one candidate (the model is left as it was)."""
         with self.working.applied(merge, transfer, top_k):
@@ -388,7 +393,7 @@ class TaskFitness:
         return self.score(logprobs)
 
     def record_logits(
-        self, merge: dict[int, torch.Tensor], transfer: dict[int, torch.Tensor], top_k: int
+        self, merge: dict[int, torch.Tensor], transfer: dict[int, torch.Tensor], top_k: int | dict[int, int]
     ) -> dict[int, torch.Tensor]:
         """The original router logits [tokens, E] each MoE layer sees under the candidate (real tokens)."""
         self.working.recorded = {i: [] for i in self.working.layers}

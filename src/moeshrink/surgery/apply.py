@@ -110,25 +110,37 @@ def apply_model_plan(model: nn.Module, adapter: FamilyAdapter, plan: ModelPlan) 
     for lp in plan.layers:
         apply_layer_plan(layers[lp.layer], lp)
         write_refit(layers[lp.layer], lp)
-        set_top_k(layers[lp.layer], plan.top_k)
-    update_config(model, adapter, {lp.layer: lp.num_experts_after for lp in plan.layers}, plan.top_k)
+        set_top_k(layers[lp.layer], lp.top_k or plan.top_k)
+    top_k = {lp.layer: lp.top_k or plan.top_k for lp in plan.layers}
+    update_config(model, adapter, {lp.layer: lp.num_experts_after for lp in plan.layers}, top_k)
 
 
 # Config field of a checkpoint whose MoE layers keep different numbers of experts: one entry per
 # decoder layer, null for dense layers. Such checkpoints load with moeshrink.load_model (which
 # resizes each layer before loading the weights); vLLM and SGLang need one count for all layers.
 PER_LAYER_KEY = "moeshrink_experts_per_layer"
+# Config field of a checkpoint whose MoE layers route to different numbers of experts per token
+# (an EEP search over active experts): one entry per decoder layer. num_experts_per_tok holds the
+# largest, which is what transformers and vLLM use everywhere; moeshrink.load_model sets each layer's.
+TOP_K_PER_LAYER_KEY = "moeshrink_top_k_per_layer"
 
 
 def update_config(
-    model: nn.Module, adapter: FamilyAdapter, num_experts: int | dict[int, int], top_k: int
+    model: nn.Module, adapter: FamilyAdapter, num_experts: int | dict[int, int], top_k: int | dict[int, int]
 ) -> None:
     """Rewrite every expert-count alias and ``num_experts_per_tok`` in the model's config. With
     different counts per layer (``{layer: count}``) the aliases hold the largest and the per-layer
-    counts go to ``moeshrink_experts_per_layer``."""
+    counts go to ``moeshrink_experts_per_layer``; likewise different top-k per layer go to
+    ``moeshrink_top_k_per_layer`` and ``num_experts_per_tok`` holds the largest."""
+    layers = len(adapter.decoder_layers(model))
+    per_layer_top_k = top_k if isinstance(top_k, dict) and len(set(top_k.values())) > 1 else None
+    if per_layer_top_k is not None:
+        setattr(model.config, TOP_K_PER_LAYER_KEY, [per_layer_top_k.get(i) for i in range(layers)])
+    elif hasattr(model.config, TOP_K_PER_LAYER_KEY):
+        delattr(model.config, TOP_K_PER_LAYER_KEY)
+    top_k = max(top_k.values()) if isinstance(top_k, dict) else top_k
     counts = num_experts if isinstance(num_experts, dict) else None
     if counts is not None and len(set(counts.values())) > 1:
-        layers = len(adapter.decoder_layers(model))
         setattr(model.config, PER_LAYER_KEY, [counts.get(i) for i in range(layers)])
         num_experts = max(counts.values())
     else:
