@@ -332,7 +332,16 @@ def main() -> None:
 
     if not args.skip_testbed:
         run_checkpoint(
-            "testbed", testbed_model_dir(), args.methods, [False, True], common, 8, rows, save, args.timeout
+            "testbed",
+            testbed_model_dir(),
+            args.methods,
+            [False, True],
+            common,
+            8,
+            rows,
+            save,
+            args.timeout,
+            args.repeat,
         )
     sizes = [(s, args.synthetic_methods) for s in args.sizes] + (
         [(args.big, args.big_methods)] if args.big else []
