@@ -146,6 +146,13 @@ def main() -> None:
         help="re-measure speed (best of 5): unpruned and ROW's saved plan (e.g. 'eep:text@frequency+reap|8'), "
         "each with top-2 and top-1; keeps the rest of OUT.json",
     )
+    parser.add_argument(
+        "--speed-compare",
+        nargs="+",
+        metavar="ROW",
+        help="speed of saved rows' plans as exported (their own top-k), measured in turn, best of 9; keeps the "
+        "rest of OUT.json",
+    )
     args = parser.parse_args()
     if args.render_only:
         args.out.with_suffix(".md").write_text(render(json.loads(args.out.with_suffix(".json").read_text())))
@@ -153,6 +160,10 @@ def main() -> None:
     if args.speed_only:
         torch.set_num_threads(1)
         remeasure_speed(args.out, args.speed_only)
+        return
+    if args.speed_compare:
+        torch.set_num_threads(1)
+        compare_speed(args.out, args.speed_compare)
         return
     args.task = f"moeshrink_{args.domain}"
     torch.set_num_threads(1)
@@ -274,6 +285,33 @@ def remeasure_speed(out: Path, row: str) -> None:
     _write(out, data, start)
 
 
+def compare_speed(out: Path, rows: list[str]) -> None:
+    """Speed of several rows' exported models (each with its own, possibly per-layer, top-k), measured
+    in turn three times so that the machine's load weighs on all of them alike."""
+    start = time.perf_counter()
+    data = json.loads(out.with_suffix(".json").read_text())
+    models = {
+        row: apply_plan(testbed_model_dir(), ModelPlan.model_validate(data["rows"][row]["plan"])).model
+        for row in rows
+    }
+    runs: dict[str, list[dict]] = {row: [] for row in rows}
+    for _ in range(3):
+        for row, model in models.items():
+            runs[row].append(measure_speed(model, repeats=3))
+    data["speed_compare"] = {
+        "command": "OMP_NUM_THREADS=1 python benchmarks/eep.py " + " ".join(sys.argv[1:]),
+        "rows": {
+            row: {
+                "top_k": {str(i): k for i, k in row_top_k(data["rows"][row]).items()},
+                "prefill_tokens_per_s": max(r["prefill_tokens_per_s"] for r in found),
+                "decode_tokens_per_s": max(r["decode_tokens_per_s"] for r in found),
+            }
+            for row, found in runs.items()
+        },
+    }
+    _write(out, data, start)
+
+
 def _write(out: Path, data: dict, start: float) -> None:
     data["total_seconds"] += time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +324,12 @@ def _label(method: str) -> str:
     method, *merge = method.split("~")
     method, _, init = method.partition("@")
     seeded = f", seeded by {init.replace('+', ' + ')}" if init else ""
-    merging = "".join(", merge " + m.replace("dropped", "dropped columns only") for m in merge)
+    merging = "".join(
+        ", top-k per layer searched at a mean of " + m.partition("=")[2]
+        if m.startswith("active=")
+        else ", merge " + m.replace("dropped", "dropped columns only")
+        for m in merge
+    )
     return f"EEP ({method.partition(':')[2] or 'accuracy'} fitness{seeded}{merging})"
 
 
@@ -323,6 +366,8 @@ def render(data: dict) -> str:
     for key, row in data["rows"].items():
         method, keep, *rest = key.split("|")
         k = "1" if rest else "2"
+        if "active_top_k" in row:
+            k = "/".join(str(v) for v in row["active_top_k"].values()) + " (by layer)"
         if method.startswith("eep"):
             sr, name = row["search"], _label(method)
             cost = f"search {sr['search_seconds']:.0f}s, {sr['evaluations']} evals"
@@ -341,7 +386,9 @@ def render(data: dict) -> str:
             rows.append([keep, k, "unpruned", *cells(row), "-"])
         else:
             rows.append([keep, k, method, *cells(row), f"{row['seconds']:.0f}s"])
-    rows.sort(key=lambda r: (-int(r[1]), -int(r[0])))  # stable: methods keep their order per budget
+    rows.sort(
+        key=lambda r: (-max(int(k) for k in r[1].split()[0].split("/")), -int(r[0]))
+    )  # stable: methods keep their order per budget
 
     search_rows = []
     for key, row in data["rows"].items():
@@ -464,6 +511,30 @@ def render(data: dict) -> str:
     for (a, b), (p, d) in ratio.items():
         lines.append(f"- {b} vs {a}: prefill x{p:.2f}, decode x{d:.2f}")
     lines.append("")
+    if "speed_compare" in data:
+        compared = data["speed_compare"]["rows"]
+        lines += [
+            "## Speed: searched top-k per layer",
+            "",
+            "The exported models as they load with `moeshrink.io.checkpoint.load_model` (each layer its own "
+            "top-k), measured in turn, best of 9. Measured with:",
+            "",
+            "    " + data["speed_compare"]["command"],
+            "",
+            markdown_table(
+                ["run", "top-k by layer", "prefill tok/s", "decode tok/s"],
+                [
+                    [
+                        _run(row),
+                        "/".join(str(k) for k in r["top_k"].values()),
+                        f"{r['prefill_tokens_per_s']:.0f}",
+                        f"{r['decode_tokens_per_s']:.0f}",
+                    ]
+                    for row, r in compared.items()
+                ],
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 
