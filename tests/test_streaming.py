@@ -220,3 +220,20 @@ def test_cli_stream_without_calibration_data(tmp_path, checkpoints):
     assert main([*common, "-o", str(tmp_path / "memory"), "--no-stream"]) == 0
     assert main([*common, "-o", str(tmp_path / "streamed"), "--stream"]) == 0
     _assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
+
+
+@pytest.mark.parametrize("method", ["frequency", "stun"])
+def test_streamed_global_budget_equals_in_memory(method, tmp_path, calib_file, checkpoints):
+    """A global budget streams too: a read-only statistics pass (each layer read and freed), then the
+    compression pass; per-layer counts are written fused, as the in-memory export writes them."""
+    source = checkpoints["qwen3_moe"]
+    kw = dict(method=method, keep=5, global_budget=True)
+    memory = _prune(source, calib_file, tmp_path / "memory", stream=False, **kw)
+    streamed = _prune(source, calib_file, tmp_path / "stream", stream=True, **kw)
+    assert streamed.plan.budget["per_layer"] == memory.plan.budget["per_layer"]
+    assert len(set(memory.plan.budget["per_layer"].values())) > 1  # different counts per layer here
+    _assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
+    reloaded = load_model(tmp_path / "stream").model
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, memory.model(ids).logits, rtol=1e-5, atol=1e-5)

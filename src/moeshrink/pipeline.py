@@ -209,7 +209,6 @@ def prune(
         output,
         {
             "sparsity": sparsify is not None,
-            "global budgets": global_budget,
             "torchrun": distributed.world_size() > 1,
         },
     )
@@ -239,12 +238,15 @@ def prune(
             device=device,
             batch_size=batch_size,
             progress=progress and distributed.rank() == 0,
+            layer_hooks=streamer.reading() if streamer else None,
         )
         minimum = max(top_k, 2 * groups if groups > 1 else top_k)
         layers_by_index = {m.index: m for m in adapter.moe_layers(loaded.model)}
         per_layer = expert_method.allocate_global(
             layers_by_index, usage, keep * len(moe_layers), minimum, groups
         )
+        if streamer is not None:  # per-layer counts are saved fused, as the in-memory export does
+            streamer.keep_fused = len(set(per_layer.values())) > 1
     sparsity_done: dict[int, dict] = {}
     accounting = None
     if sparsify is not None and total_sparsity is not None:

@@ -24,8 +24,10 @@ MEAN_OUTPUTS = "mean_outputs"
 # Wanda: sum over the tokens routed to expert j of x^2 per input column, for the gate/up input [E, H]
 # and for the down projection's input (the intermediate activation) [E, I]
 INPUT_NORMS = "input_norms"
+# a copy of the router's rows [E, H] (no forward pass): for planning after the layer is gone (streaming)
+ROUTER = "router"
 STATISTICS = frozenset(
-    {COUNTS, SOFT_MASS, LOGITS, COACTIVATION, EXPERT_NORMS, INPUTS, MEAN_OUTPUTS, INPUT_NORMS}
+    {COUNTS, SOFT_MASS, LOGITS, COACTIVATION, EXPERT_NORMS, INPUTS, MEAN_OUTPUTS, INPUT_NORMS, ROUTER}
 )
 
 
@@ -45,6 +47,7 @@ class LayerStats:
     output_sum: torch.Tensor | None = None
     input_sq: torch.Tensor | None = None
     intermediate_sq: torch.Tensor | None = None
+    router: torch.Tensor | None = None
     _logit_parts: list[torch.Tensor] = field(default_factory=list, repr=False)
     _input_parts: list[torch.Tensor] = field(default_factory=list, repr=False)
 
@@ -80,6 +83,8 @@ class LayerObserver:
         self._handles: list = []
 
     def __enter__(self) -> LayerObserver:
+        if ROUTER in self.needs:
+            self.stats.router = self.layer.router.weight.detach().float().cpu().clone()
         self._handles.append(self.layer.router.register_forward_hook(self._on_router))
         if EXPERT_NORMS in self.needs or INPUT_NORMS in self.needs:
             self._handles.append(self.layer.experts.register_forward_hook(self._on_experts))

@@ -250,8 +250,10 @@ def collect_layer_stats(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     progress: bool = True,
+    layer_hooks: LayerHooks | None = None,
 ) -> dict[int, LayerStats]:
-    """Statistics of every MoE layer of the unmodified model, one layer at a time (no compression)."""
+    """Statistics of every MoE layer of the unmodified model, one layer at a time (no compression).
+    ``layer_hooks`` materialise each decoder layer before and free it after (streaming)."""
     device = torch.device(device)
     layers = adapter.decoder_layers(model)
     moe_by_index = {m.index: m for m in adapter.moe_layers(model)}
@@ -262,6 +264,8 @@ def collect_layer_stats(
     for index, decoder_layer in bar:
         if index > max(moe_by_index):
             break
+        if layer_hooks is not None:
+            layer_hooks.load(index, decoder_layer)
         decoder_layer.to(device)
         kwargs = [_move(kw, device) for kw in cached.layer_kwargs[index]]
         if index in moe_by_index:
@@ -272,4 +276,6 @@ def collect_layer_stats(
         else:
             hidden = run_layer(decoder_layer, hidden, kwargs)
         decoder_layer.to(home)
+        if layer_hooks is not None:
+            layer_hooks.release(index, decoder_layer)
     return stats

@@ -204,6 +204,8 @@ class LayerStreamer:
             self.writer = ShardWriter(self.directory, len(self.layers) + 1)
         self.loaded: set[int] = set()
         self.released: set[int] = set()
+        # Per-layer expert counts are saved fused, as export_checkpoint does (set before writing).
+        self.keep_fused = False
         self.max_loaded = 0  # most decoder layers materialised at once (at most 1 by design)
         self._load_state(self.reader.read(self.reader.by_layer[None]), "the embeddings and head")
         self.model.tie_weights()
@@ -270,11 +272,22 @@ class LayerStreamer:
         release_freed_memory()
 
     def _on_disk(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What ``save_pretrained`` writes for these tensors: tied copies dropped, conversions reverted."""
+        """What ``save_pretrained`` writes for these tensors: tied copies dropped, conversions reverted
+        (kept fused with per-layer expert counts, like ``save_original_format=False``)."""
         ignore = getattr(self.model, "_keys_to_ignore_on_save", None) or []
         state = {k: v for k, v in state.items() if k not in ignore}
         state = remove_tied_weights_from_state_dict(state, self.model)
-        return revert_weight_conversion(self.model, state)
+        return state if self.keep_fused else revert_weight_conversion(self.model, state)
+
+    def reading(self) -> ReadOnlyLayers:
+        """Hooks for a statistics pass: each layer is read and then freed, nothing is written."""
+        return ReadOnlyLayers(self)
+
+    def free(self, index: int, layer: nn.Module) -> None:
+        """Free decoder layer ``index``'s tensors without writing it (it will be read again)."""
+        _to_meta(layer)
+        self.loaded.discard(index)
+        release_freed_memory()
 
     def release_all(self) -> None:
         """Load, write and free every decoder layer the runner did not visit (e.g. after the last MoE layer)."""
@@ -322,6 +335,19 @@ class LayerStreamer:
         config.save_pretrained(directory)
         if self.model.can_generate():
             self.model.generation_config.save_pretrained(directory)
+
+
+class ReadOnlyLayers:
+    """Layer hooks that read each decoder layer from the shards and free it after, writing nothing."""
+
+    def __init__(self, streamer: LayerStreamer):
+        self.streamer = streamer
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        self.streamer.load(index, layer)
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        self.streamer.free(index, layer)
 
 
 def release_freed_memory() -> None:

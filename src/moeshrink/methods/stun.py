@@ -35,7 +35,7 @@ from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 
 from moeshrink.arch import MoELayer
-from moeshrink.calib.observers import COACTIVATION, COUNTS, LayerStats
+from moeshrink.calib.observers import COACTIVATION, COUNTS, ROUTER, LayerStats
 from moeshrink.errors import MoeShrinkError
 from moeshrink.methods.base import LayerBudget
 from moeshrink.methods.clustering import per_group
@@ -47,7 +47,8 @@ MODES = ("representative", "average")
 
 def expert_distances(layer: MoELayer, stats: LayerStats | None, coactivation: float) -> np.ndarray:
     """STUN's behavioural distance between the experts of ``layer``, ``[E, E]``, zero diagonal, >= 0."""
-    rows = layer.router.weight.detach().double().cpu()
+    rows = (stats.router if stats is not None and stats.router is not None else layer.router.weight).detach()
+    rows = rows.double().cpu()
     d = torch.cdist(rows, rows)
     off = ~torch.eye(len(rows), dtype=torch.bool)
     scale = d[off].mean() if len(rows) > 1 else torch.tensor(1.0, dtype=torch.float64)
@@ -82,7 +83,9 @@ class STUN(MergeMethod):
 
     name = "stun"
     base_needs = frozenset({COUNTS, COACTIVATION})
-    global_needs = frozenset({COUNTS, COACTIVATION})
+    global_needs = frozenset(
+        {COUNTS, COACTIVATION, ROUTER}
+    )  # router rows: the layers may be gone (streaming)
 
     def __init__(
         self,
