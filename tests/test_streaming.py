@@ -205,8 +205,15 @@ def test_error_in_a_later_layer_leaves_nothing_behind(tmp_path, calib_file, chec
 def test_streaming_option_errors(tmp_path, calib_file, checkpoints):
     with pytest.raises(MoeShrinkError, match="--stream writes the pruned layers as it goes: give an output"):
         _prune(checkpoints["mixtral"], calib_file, None, stream=True)
-    with pytest.raises(MoeShrinkError, match="--stream does not support sparsity yet"):
-        _prune(checkpoints["mixtral"], calib_file, tmp_path / "out", stream=True, sparsity=0.5)
+    with pytest.raises(MoeShrinkError, match="--stream does not support OWL yet"):
+        _prune(
+            checkpoints["mixtral"],
+            calib_file,
+            tmp_path / "out",
+            stream=True,
+            sparsity=0.5,
+            sparsity_method="owl",
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -237,3 +244,22 @@ def test_streamed_global_budget_equals_in_memory(method, tmp_path, calib_file, c
     ids = torch.randint(0, 100, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, memory.model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "family, kw",
+    [
+        ("qwen2_moe", dict(method="stun", keep=None, ratio=0.25, total_sparsity=0.55, sparsity_scope="all")),
+        ("mixtral", dict(method="none", keep=None, nm="2:4")),
+    ],
+)
+def test_streamed_sparsity_equals_in_memory(family, kw, tmp_path, calib_file, checkpoints):
+    """Wanda / N:M inside experts (and attention, dense layers) stream: the same zeros, the same exact
+    accounting (each layer's zeros counted before it is written and freed)."""
+    memory = _prune(checkpoints[family], calib_file, tmp_path / "memory", stream=False, **kw)
+    streamed = _prune(checkpoints[family], calib_file, tmp_path / "stream", stream=True, **kw)
+    _assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
+    a, b = streamed.sparsity, memory.sparsity
+    assert {t.name: t for t in a.tensors} == {t.name: t for t in b.tensors}  # counted in another order
+    assert (a.all, a.experts, a.layers) == (b.all, b.experts, b.layers)
+    assert streamed.plan.sparsity == memory.plan.sparsity

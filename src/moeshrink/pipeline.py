@@ -43,8 +43,8 @@ from moeshrink.sparsity.apply import (
     inside_sparsity,
     layer_outlier_fraction,
     parse_scope,
-    scope_nonzero,
     scoped_linears,
+    scoped_parameter_names,
     scoped_weight_count,
     sparsify_decoder_layer,
 )
@@ -208,7 +208,7 @@ def prune(
         reader,
         output,
         {
-            "sparsity": sparsify is not None,
+            "OWL": sparsify is not None and sparsify.method == "owl",
             "torchrun": distributed.world_size() > 1,
         },
     )
@@ -252,6 +252,8 @@ def prune(
     if sparsify is not None and total_sparsity is not None:
         inside, accounting = inside_sparsity(loaded.model, adapter, sparsify.scope, per_layer, total_sparsity)
         sparsify = sparsify.with_sparsity(inside)
+    if streamer is not None and sparsify is not None:
+        streamer.count_zeros = True  # each layer's zeros are counted before it is written and freed
     layer_plans = compress_layerwise(
         loaded.model,
         adapter,
@@ -311,9 +313,10 @@ def prune(
     after = describe_model(loaded.model, adapter)
     result = PruneResult(plan=plan, model=loaded.model, tokenizer=tokenizer, before=before, after=after)
     if sparsify:
-        result.sparsity = count_sparsity(loaded.model)
+        result.sparsity = streamer.sparsity_report() if streamer else count_sparsity(loaded.model)
         if total_sparsity is not None:
-            remaining = scope_nonzero(loaded.model, adapter, sparsify.scope)
+            in_scope = scoped_parameter_names(loaded.model, adapter, sparsify.scope)
+            remaining = sum(t.total - t.zeros for t in result.sparsity.tensors if t.name in in_scope)
             plan.sparsity["total_sparsity_achieved"] = 1 - remaining / accounting["scope_weights"]
     if output is not None:
         t = time.perf_counter()

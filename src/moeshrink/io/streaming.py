@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import re
 import shutil
 import weakref
 from collections import defaultdict
@@ -47,15 +46,9 @@ from moeshrink.io.checkpoint import (
 )
 from moeshrink.io.export import check_output_dir, replace_directory, temporary_directory, write_extras
 from moeshrink.plan import ModelPlan
+from moeshrink.sparsity.accounting import SparsityReport, TensorSparsity, layer_of, tensor_sparsity
 
-LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 SAFETENSORS_METADATA = {"format": "pt"}
-
-
-def layer_of(key: str) -> int | None:
-    """The decoder layer a tensor name belongs to (``model.layers.3.mlp...`` -> 3), or None."""
-    match = LAYER_KEY.search(key)
-    return int(match.group(1)) if match else None
 
 
 class ShardReader:
@@ -206,6 +199,9 @@ class LayerStreamer:
         self.released: set[int] = set()
         # Per-layer expert counts are saved fused, as export_checkpoint does (set before writing).
         self.keep_fused = False
+        # With sparsity, each layer's exact zero counts are kept as it is released (set before writing).
+        self.count_zeros = False
+        self.zero_counts: list[TensorSparsity] = []
         self.max_loaded = 0  # most decoder layers materialised at once (at most 1 by design)
         self._load_state(self.reader.read(self.reader.by_layer[None]), "the embeddings and head")
         self.model.tie_weights()
@@ -214,7 +210,7 @@ class LayerStreamer:
             raise MoeShrinkError(f"{self.path}: no MoE layers found in this {self.adapter.model_type} model")
         self.adapter.check_weights_layout(moe_layers[0])
         for name, param in self.model.named_parameters():
-            if LAYER_KEY.search(name) is None and param.is_meta:
+            if layer_of(name) is None and param.is_meta:
                 raise MoeShrinkError(f"{self.path}: the checkpoint has no tensor for {name}: re-download it")
 
     def as_loaded(self, tokenizer=None) -> LoadedModel:
@@ -263,6 +259,10 @@ class LayerStreamer:
         """Write decoder layer ``index`` to the output (when there is one) and free its tensors."""
         if index not in self.loaded:
             return
+        if self.count_zeros:
+            self.zero_counts += [
+                tensor_sparsity(self.prefixes[index] + n, p) for n, p in layer.named_parameters()
+            ]
         if self.writer is not None:
             state = {self.prefixes[index] + k: v for k, v in layer.state_dict().items()}
             self.writer.write(self._on_disk(state))
@@ -278,6 +278,15 @@ class LayerStreamer:
         state = {k: v for k, v in state.items() if k not in ignore}
         state = remove_tied_weights_from_state_dict(state, self.model)
         return state if self.keep_fused else revert_weight_conversion(self.model, state)
+
+    def sparsity_report(self) -> SparsityReport:
+        """Zeros of every parameter, as :func:`~moeshrink.sparsity.accounting.count_sparsity` counts them
+        on a whole model: the decoder layers' counted as each was released, the rest now."""
+        if not self.count_zeros:
+            raise RuntimeError("set count_zeros before the layers are released")
+        self.release_all()
+        rest = [tensor_sparsity(n, p) for n, p in self.model.named_parameters() if layer_of(n) is None]
+        return SparsityReport(tuple(self.zero_counts + rest))
 
     def reading(self) -> ReadOnlyLayers:
         """Hooks for a statistics pass: each layer is read and then freed, nothing is written."""

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 DENSE_NOTE = (
@@ -200,12 +201,15 @@ def count_sparsity(
     ``expert_param_names`` lists the routed-expert parameters by full name; by default, parameters
     inside an ``experts`` module. Tied parameters are counted once (``named_parameters`` dedupes).
     """
-    tensors = []
-    for name, param in model.named_parameters():
-        total = param.numel()
-        zeros = total - int(param.detach().count_nonzero()) if total else 0
-        expert = name in expert_param_names if expert_param_names is not None else is_expert_parameter(name)
-        tensors.append(
-            TensorSparsity(name, total, zeros, param.element_size(), layer=layer_of(name), expert=expert)
-        )
+    tensors = [tensor_sparsity(name, param, expert_param_names) for name, param in model.named_parameters()]
     return SparsityReport(tuple(tensors), index_bits)
+
+
+def tensor_sparsity(
+    name: str, param: torch.Tensor, expert_param_names: set[str] | None = None
+) -> TensorSparsity:
+    """Exact zero count of one parameter by its full name (see :func:`count_sparsity`)."""
+    total = param.numel()
+    zeros = total - int(param.detach().count_nonzero()) if total else 0
+    expert = name in expert_param_names if expert_param_names is not None else is_expert_parameter(name)
+    return TensorSparsity(name, total, zeros, param.element_size(), layer=layer_of(name), expert=expert)

@@ -195,18 +195,17 @@ def inside_sparsity(
     }
 
 
-def scope_nonzero(model: nn.Module, adapter: FamilyAdapter, scope: Sequence[str]) -> int:
-    """Non-zero weights in ``scope`` over the whole model (to check a total sparsity was reached)."""
+def scoped_parameter_names(model: nn.Module, adapter: FamilyAdapter, scope: Sequence[str]) -> set[str]:
+    """Full names of the weight parameters in ``scope`` (works on a weightless skeleton too)."""
+    names = {id(m): n for n, m in model.named_modules()}
     moe_by_index = {m.index: m for m in adapter.moe_layers(model)}
-    count = 0
+    found = set()
     for index, decoder_layer in enumerate(adapter.decoder_layers(model)):
         moe = moe_by_index.get(index)
-        count += sum(
-            int(m.weight.count_nonzero()) for m in scoped_linears(decoder_layer, moe, scope).values()
-        )
+        found.update(names[id(m)] + ".weight" for m in scoped_linears(decoder_layer, moe, scope).values())
         if moe is not None and "experts" in scope:
-            count += sum(int(moe.param(n).count_nonzero()) for n in expert_weight_names(moe))
-    return count
+            found.update(f"{names[id(moe.experts)]}.{n}" for n in expert_weight_names(moe))
+    return found
 
 
 @dataclass
