@@ -35,8 +35,8 @@ def _floor(job: dict) -> dict:
     """Read every tensor of the checkpoint once and run the calibration tokens through every layer."""
     import torch
 
-    from moeshrink.calib.data import build_calibration
-    from moeshrink.calib.runner import _move, capture_layer_inputs, run_layer
+    from moeshrink.engine.data import build_calibration
+    from moeshrink.engine.runner import _move, capture_layer_inputs, run_layer
     from moeshrink.io.checkpoint import load_model, load_tokenizer
     from moeshrink.io.streaming import LayerStreamer
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from moeshrink.calib.data import build_calibration
+from moeshrink.engine.data import build_calibration
 from moeshrink.evaluate.suite import evaluate_model
 from moeshrink.io.checkpoint import load_model
 from moeshrink.methods import METHODS

@@ -190,7 +190,7 @@ def test_missing_model_directory(tmp_path, calib_file):
 
 
 def test_jsonl_with_a_malformed_line_names_file_and_line(tmp_path):
-    from moeshrink.calib.data import read_documents
+    from moeshrink.engine.data import read_documents
 
     bad = tmp_path / "data.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": broken\n')
@@ -207,7 +207,7 @@ def test_jsonl_with_a_malformed_line_names_file_and_line(tmp_path):
 def test_calibration_is_deterministic_and_reads_every_format(tmp_path):
     import datasets
 
-    from moeshrink.calib.data import build_calibration
+    from moeshrink.engine.data import build_calibration
 
     tok = build_tiny_tokenizer(tmp_path / "tok")
     docs = [f"Document number {i} talks about experts, routers and tokens." * 3 for i in range(40)]

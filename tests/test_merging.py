@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import moeshrink
-from moeshrink.calib.observers import LayerStats
+from moeshrink.engine.observers import LayerStats
 from moeshrink.methods import LayerBudget, get_method
 from moeshrink.methods.clustering import kmeans, spectral_clusters
 from moeshrink.methods.merging import logit_space_coefficients

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeshrink.arch import ADAPTERS
-from moeshrink.calib.observers import STATISTICS, LayerObserver
+from moeshrink.engine.observers import STATISTICS, LayerObserver
 from moeshrink.methods import LayerBudget, get_method, top_scores
 from moeshrink.testbed.tiny import randomize_routers, tiny_config
 

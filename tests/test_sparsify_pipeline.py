@@ -9,11 +9,11 @@ from transformers import AutoModelForCausalLM
 
 import moeshrink
 from moeshrink.arch import ADAPTERS
-from moeshrink.calib.observers import LayerStats
+from moeshrink.engine.observers import LayerStats
 from moeshrink.errors import MoeShrinkError
 from moeshrink.plan import PLAN_FILENAME
 from moeshrink.sparsity import linear_view, magnitude_scores, unstructured_mask
-from moeshrink.sparsity.apply import SparsitySpec, sparsify_layer
+from moeshrink.sparsity.layer import SparsitySpec, sparsify_layer
 from moeshrink.testbed.tiny import tiny_config
 
 KW = dict(samples=8, seq_len=32, progress=False)

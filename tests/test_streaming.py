@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import moeshrink
-from moeshrink.calib.data import build_calibration
-from moeshrink.calib.observers import COUNTS
-from moeshrink.calib.offload import SpilledBatches
-from moeshrink.calib.runner import compress_layerwise
+from moeshrink.engine.data import build_calibration
+from moeshrink.engine.observers import COUNTS
+from moeshrink.engine.offload import SpilledBatches
+from moeshrink.engine.runner import compress_layerwise
 from moeshrink.errors import MoeShrinkError
 from moeshrink.io.checkpoint import load_model, load_tokenizer
 from moeshrink.io.streaming import LayerStreamer, check_free_disk

@@ -11,14 +11,14 @@ from transformers import AutoModelForCausalLM
 
 import moeshrink
 from moeshrink.arch import ADAPTERS
-from moeshrink.calib.observers import INPUTS, LOGITS, LayerObserver
+from moeshrink.engine.observers import INPUTS, LOGITS, LayerObserver
 from moeshrink.errors import MoeShrinkError
 from moeshrink.io.checkpoint import load_model
 from moeshrink.methods import LayerBudget, get_method
 from moeshrink.methods.naee import NAEEPruning
 from moeshrink.methods.stun import complete_linkage, cut_after, expert_distances
 from moeshrink.sparsity import linear_view
-from moeshrink.sparsity.apply import expert_weight_names, scoped_linears
+from moeshrink.sparsity.layer import expert_weight_names, scoped_linears
 from moeshrink.surgery.simulate import restricted_routing
 
 KW = dict(samples=8, seq_len=32, progress=False)

@@ -126,7 +126,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if not recipe.method:
         raise MoeShrinkError("no method given: pass --method NAME (or 'method:' in the recipe)")
     kwargs = recipe.prune_kwargs() | {"method_options": options}
-    from moeshrink.calib import distributed
+    from moeshrink.engine import distributed
 
     result = prune(recipe.model, recipe.method, progress=not args.quiet, **kwargs)
     if distributed.rank() != 0:
@@ -214,7 +214,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from moeshrink.calib import distributed
+    from moeshrink.engine import distributed
     from moeshrink.search import search
 
     result = search(

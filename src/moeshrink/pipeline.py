@@ -14,9 +14,9 @@ from torch import nn
 
 import moeshrink
 from moeshrink.arch import FamilyAdapter, GroupedFamilyAdapter
-from moeshrink.calib import distributed
-from moeshrink.calib.data import build_calibration
-from moeshrink.calib.runner import SparsifyStep, collect_layer_stats, compress_layerwise
+from moeshrink.engine import distributed
+from moeshrink.engine.data import build_calibration
+from moeshrink.engine.runner import SparsifyStep, collect_layer_stats, compress_layerwise
 from moeshrink.errors import MoeShrinkError
 from moeshrink.info import ModelInfo, describe_model, meta_model
 from moeshrink.io.checkpoint import (
@@ -38,7 +38,7 @@ from moeshrink.methods import LayerBudget, get_method
 from moeshrink.plan import ModelPlan
 from moeshrink.report.model_card import model_card
 from moeshrink.sparsity.accounting import SparsityReport, count_sparsity
-from moeshrink.sparsity.apply import (
+from moeshrink.sparsity.layer import (
     SparsitySpec,
     inside_sparsity,
     layer_outlier_fraction,

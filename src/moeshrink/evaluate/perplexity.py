@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from moeshrink.arch import FamilyAdapter
-from moeshrink.calib.data import read_documents, tokenize_documents
-from moeshrink.calib.observers import LayerObserver
+from moeshrink.engine.data import read_documents, tokenize_documents
+from moeshrink.engine.observers import LayerObserver
 from moeshrink.errors import MoeShrinkError
 
 

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from moeshrink.arch import MoELayer
-from moeshrink.calib.observers import COUNTS, LayerStats
+from moeshrink.engine.observers import COUNTS, LayerStats
 from moeshrink.methods.budget import allocate_global
 from moeshrink.plan import LayerPlan
 from moeshrink.surgery import apply_layer_plan
@@ -25,7 +25,7 @@ class LayerBudget:
 
 
 class ExpertMethod(ABC):
-    """One expert-level method. ``needs`` names the statistics (see ``calib.observers``) it reads;
+    """One expert-level method. ``needs`` names the statistics (see ``engine.observers``) it reads;
     a method that needs none is planned without any forward pass."""
 
     name: ClassVar[str]

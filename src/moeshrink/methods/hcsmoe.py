@@ -14,7 +14,7 @@ from typing import Any
 from scipy.cluster.hierarchy import cut_tree, linkage
 
 from moeshrink.arch import MoELayer
-from moeshrink.calib.observers import COUNTS, MEAN_OUTPUTS, LayerStats
+from moeshrink.engine.observers import COUNTS, MEAN_OUTPUTS, LayerStats
 from moeshrink.errors import MoeShrinkError
 from moeshrink.methods.base import LayerBudget
 from moeshrink.methods.clustering import capped_average_linkage, labels_to_clusters, per_group

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moeshrink.arch import MoELayer
-from moeshrink.calib.observers import LayerStats
+from moeshrink.engine.observers import LayerStats
 from moeshrink.methods.base import ExpertMethod, LayerBudget
 from moeshrink.plan import LayerPlan
 

@@ -26,7 +26,7 @@ import torch
 
 from moeshrink.arch import MoELayer
 from moeshrink.arch.routing import sigmoid_probabilities
-from moeshrink.calib.observers import COUNTS, INPUTS, LOGITS, LayerStats
+from moeshrink.engine.observers import COUNTS, INPUTS, LOGITS, LayerStats
 from moeshrink.errors import MoeShrinkError
 from moeshrink.methods.base import ExpertMethod, LayerBudget
 from moeshrink.plan import LayerPlan, NewExpert

@@ -5,7 +5,7 @@ joins the dominant expert whose router-logit profile over the calibration tokens
 from __future__ import annotations
 
 from moeshrink.arch import MoELayer
-from moeshrink.calib.observers import COUNTS, LOGITS, LayerStats
+from moeshrink.engine.observers import COUNTS, LOGITS, LayerStats
 from moeshrink.methods.base import LayerBudget, top_scores
 from moeshrink.methods.clustering import cosine_matrix, per_group
 from moeshrink.methods.merging import MergeMethod

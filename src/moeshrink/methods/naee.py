@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from moeshrink.arch import MoELayer
-from moeshrink.calib.observers import INPUTS, LOGITS, LayerStats
+from moeshrink.engine.observers import INPUTS, LOGITS, LayerStats
 from moeshrink.errors import MoeShrinkError
 from moeshrink.methods.base import ExpertMethod, LayerBudget
 from moeshrink.plan import LayerPlan

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moeshrink.arch import MoELayer
-from moeshrink.calib.observers import LayerStats
+from moeshrink.engine.observers import LayerStats
 from moeshrink.methods.base import ScorePruning
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from moeshrink.arch import MoELayer
-from moeshrink.calib.observers import EXPERT_NORMS, LayerStats
+from moeshrink.engine.observers import EXPERT_NORMS, LayerStats
 from moeshrink.methods.base import ScorePruning
 
 

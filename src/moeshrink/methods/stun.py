@@ -35,7 +35,7 @@ from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 
 from moeshrink.arch import MoELayer
-from moeshrink.calib.observers import COACTIVATION, COUNTS, ROUTER, LayerStats
+from moeshrink.engine.observers import COACTIVATION, COUNTS, ROUTER, LayerStats
 from moeshrink.errors import MoeShrinkError
 from moeshrink.methods.base import LayerBudget
 from moeshrink.methods.clustering import per_group

@@ -7,7 +7,7 @@ the members' rows."""
 from __future__ import annotations
 
 from moeshrink.arch import MoELayer
-from moeshrink.calib.observers import COUNTS, LOGITS, LayerStats
+from moeshrink.engine.observers import COUNTS, LOGITS, LayerStats
 from moeshrink.methods.base import LayerBudget
 from moeshrink.methods.clustering import cosine_matrix, labels_to_clusters, per_group, spectral_clusters
 from moeshrink.methods.merging import MergeMethod

@@ -37,9 +37,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from moeshrink.arch import GroupedFamilyAdapter
-from moeshrink.calib import distributed
-from moeshrink.calib.observers import COUNTS
-from moeshrink.calib.runner import collect_layer_stats
+from moeshrink.engine import distributed
+from moeshrink.engine.observers import COUNTS
+from moeshrink.engine.runner import collect_layer_stats
 from moeshrink.errors import MoeShrinkError
 from moeshrink.info import describe_model
 from moeshrink.io.checkpoint import checkpoint_fingerprint, load_config, load_model, resolve_checkpoint

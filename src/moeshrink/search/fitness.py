@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moeshrink.arch import FamilyAdapter, MoELayer
-from moeshrink.calib.runner import _move, capture_layer_inputs, run_layer
+from moeshrink.engine.runner import _move, capture_layer_inputs, run_layer
 from moeshrink.errors import MoeShrinkError
 from moeshrink.evaluate.tasks import known_tasks
 from moeshrink.plan import LayerPlan, NewExpert

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig
 
-from moeshrink.calib.data import read_documents, tokenize_documents
+from moeshrink.engine.data import read_documents, tokenize_documents
 from moeshrink.testbed import paths
 from moeshrink.testbed.paths import DOMAINS
 

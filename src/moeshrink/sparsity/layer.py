@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from moeshrink.arch import FamilyAdapter, MoELayer
-from moeshrink.calib.observers import INPUT_NORMS, LayerStats
+from moeshrink.engine.observers import INPUT_NORMS, LayerStats
 from moeshrink.errors import MoeShrinkError
 from moeshrink.sparsity.masks import (
     linear_view,

@@ -17,9 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeshrink.arch import FamilyAdapter, MoELayer
-from moeshrink.calib.distributed import reduce_stats, reduce_sums
-from moeshrink.calib.observers import LayerObserver, LayerStats, LinearInputObserver
-from moeshrink.calib.offload import LayerHooks, SpilledBatches
+from moeshrink.engine.distributed import reduce_stats, reduce_sums
+from moeshrink.engine.observers import LayerObserver, LayerStats, LinearInputObserver
+from moeshrink.engine.offload import LayerHooks, SpilledBatches
 from moeshrink.plan import LayerPlan
 from moeshrink.surgery import set_top_k
 

@@ -15,7 +15,7 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
-from moeshrink.calib.observers import LayerStats
+from moeshrink.engine.observers import LayerStats
 
 # LayerStats fields that are sums over tokens (all-reduced) and token samples (gathered).
 _SUMS = (

@@ -1,0 +1,1 @@
+"""The layer engine: calibration data, statistics observers, the layer loop, data-parallel reduction."""
