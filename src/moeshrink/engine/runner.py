@@ -33,13 +33,14 @@ class LayerInputs:
     layer_kwargs: list[list[dict]]  # [layer][batch]
 
 
-def _move(value, device):
+def move_to_device(value, device):
+    """``value`` (a tensor, or tuples and dicts of them) on ``device``."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, tuple):
-        return tuple(_move(v, device) for v in value)
+        return tuple(move_to_device(v, device) for v in value)
     if isinstance(value, dict):
-        return {k: _move(v, device) for k, v in value.items()}
+        return {k: move_to_device(v, device) for k, v in value.items()}
     return value
 
 
@@ -213,7 +214,7 @@ def compress_layerwise(
         if layer_hooks is not None:
             layer_hooks.load(index, decoder_layer)
         decoder_layer.to(device)
-        kwargs = [_move(kw, device) for kw in cached.layer_kwargs[index]]
+        kwargs = [move_to_device(kw, device) for kw in cached.layer_kwargs[index]]
         moe = moe_by_index.get(index)
         outputs = None  # the layer's outputs before it is changed
         stats = None
@@ -267,7 +268,7 @@ def collect_layer_stats(
         if layer_hooks is not None:
             layer_hooks.load(index, decoder_layer)
         decoder_layer.to(device)
-        kwargs = [_move(kw, device) for kw in cached.layer_kwargs[index]]
+        kwargs = [move_to_device(kw, device) for kw in cached.layer_kwargs[index]]
         if index in moe_by_index:
             with LayerObserver(moe_by_index[index], needs) as observer:
                 hidden = run_layer(decoder_layer, hidden, kwargs)

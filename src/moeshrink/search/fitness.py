@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moeshrink.arch import FamilyAdapter, MoELayer
-from moeshrink.engine.runner import _move, capture_layer_inputs, run_layer
+from moeshrink.engine.runner import capture_layer_inputs, move_to_device, run_layer
 from moeshrink.errors import MoeShrinkError
 from moeshrink.evaluate.tasks import known_tasks
 from moeshrink.plan import LayerPlan, NewExpert
@@ -344,7 +344,7 @@ class TaskFitness:
             self.working.valid = self.valid[rows, :length].reshape(-1).to(device)
             h = [states]
             for i in range(self.first, len(layers)):
-                h = run_layer(layers[i], h, [_move(kwargs[i], device)])
+                h = run_layer(layers[i], h, [move_to_device(kwargs[i], device)])
             mask = (self.scored[rows, :length] | self.text[rows, :length]).to(device)
             logp = torch.log_softmax(head(norm(h[0])[mask]).float(), dim=-1)
             targets = self.data.input_ids[rows, :length].to(device)[:, 1:][mask[:, :-1]]
