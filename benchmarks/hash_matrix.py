@@ -10,11 +10,14 @@ on the shipped testbed (mixtral, 16 -> 8) and a tiny random qwen3_moe (8 -> 4); 
 a recipe with steps; ``apply`` of a saved merge plan; and one EEP search with a fixed seed. A run
 the command refuses is recorded by its error message.
 
-Volatile fields of ``moeshrink_plan.json`` (versions, absolute paths, seconds) are dropped before
-hashing; every other file is hashed as written.
+The inputs (testbed, calibration file, recipe) are copied into ``--work`` first, so the paths
+written into plans and model cards are the same wherever the code runs from: use the same ``--work``
+for the runs you compare. Volatile fields of ``moeshrink_plan.json`` (versions, seconds) are dropped
+before hashing; every other file is hashed as written.
 
-    python benchmarks/hash_matrix.py --out runs/hashes-before.json
-    python benchmarks/hash_matrix.py --out runs/hashes-after.json --compare runs/hashes-before.json
+    python benchmarks/hash_matrix.py --out runs/hashes-before.json --work /tmp/hash-matrix
+    python benchmarks/hash_matrix.py --out runs/hashes-after.json --work /tmp/hash-matrix \
+        --compare runs/hashes-before.json
 """
 
 from __future__ import annotations
@@ -32,12 +35,23 @@ from pathlib import Path
 import torch
 
 from moeshrink.cli import main as moeshrink
-from moeshrink.testbed.paths import corpus_dir, testbed_model_dir
+from moeshrink.testbed.paths import corpus_dir, tasks_dir, testbed_model_dir
 from moeshrink.testbed.tiny import build_tiny_model
 
-METHODS = ("random", "frequency", "soft_activation", "ean", "reap", "naee", "msmoe", "hcsmoe", "uncurl", "stun")
-VOLATILE = {"versions", "path", "seconds", "search_seconds"}
-CALIB = ["--calib", str(corpus_dir() / "wiki" / "calib.jsonl"), "--samples", "16", "--seq-len", "128"]
+METHODS = (
+    "random",
+    "frequency",
+    "soft_activation",
+    "ean",
+    "reap",
+    "naee",
+    "msmoe",
+    "hcsmoe",
+    "uncurl",
+    "stun",
+)
+VOLATILE = {"versions", "seconds", "search_seconds"}
+CALIB = ["--calib", "{calib}", "--samples", "16", "--seq-len", "128"]
 
 RECIPE = """\
 calib: [{calib}]
@@ -70,8 +84,8 @@ def digest(directory: Path) -> dict[str, str]:
 
 
 def cases(work: Path) -> dict[str, list[str]]:
-    """Name -> ``moeshrink`` arguments (``{out}`` is replaced by the run's output directory)."""
-    testbed = str(testbed_model_dir())
+    """Name -> ``moeshrink`` arguments (``{calib}``, ``{recipe}``, ``{plan}`` and ``{task}`` are filled in later)."""
+    testbed = str(work / "inputs" / "testbed")
     tiny = work / "qwen3_moe"
     if not tiny.is_dir():
         build_tiny_model("qwen3_moe", tiny, seed=1)
@@ -132,7 +146,7 @@ def cases(work: Path) -> dict[str, list[str]]:
             "search",
             testbed,
             "--task",
-            "moeshrink_bible",
+            "{task}",
             "--keep",
             "8",
             "--items",
@@ -157,7 +171,9 @@ def run_case(args: list[str], out: Path) -> dict:
     stderr = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-        code = moeshrink([*args, "-o", str(out), "--quiet"] if args[0] != "apply" else [*args, "-o", str(out)])
+        code = moeshrink(
+            [*args, "-o", str(out), "--quiet"] if args[0] != "apply" else [*args, "-o", str(out)]
+        )
     seconds = round(time.perf_counter() - start, 2)
     if code != 0:
         lines = [line for line in stderr.getvalue().splitlines() if line.startswith("moeshrink: error")]
@@ -193,16 +209,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    recipe = work / "recipe.yaml"
-    recipe.write_text(RECIPE.format(calib=corpus_dir() / "wiki" / "calib.jsonl"))
+    inputs = work / "inputs"
+    if not inputs.is_dir():
+        shutil.copytree(testbed_model_dir(), inputs / "testbed")
+        shutil.copy(corpus_dir() / "wiki" / "calib.jsonl", inputs / "calib.jsonl")
+        shutil.copy(tasks_dir() / "moeshrink_bible.jsonl", inputs / "bible.jsonl")
+    calib = inputs / "calib.jsonl"
+    recipe = inputs / "recipe.yaml"
+    recipe.write_text(RECIPE.format(calib=calib))
     plan_source = work / "plan-source"
     if not (plan_source / "moeshrink_plan.json").is_file():
-        run_case(["prune", str(testbed_model_dir()), "--method", "msmoe", "--keep", "8", *CALIB], plan_source)
+        source = ["prune", str(inputs / "testbed"), "--method", "msmoe", "--keep", "8", *CALIB]
+        run_case([a.format(calib=calib) for a in source], plan_source)
     results = {}
     for name, case in cases(work).items():
         if args.only and args.only not in name:
             continue
-        case = [a.format(recipe=recipe, plan=plan_source / "moeshrink_plan.json") for a in case]
+        fill = {"calib": calib, "recipe": recipe, "plan": plan_source / "moeshrink_plan.json"}
+        case = [a.format(task=inputs / "bible.jsonl", **fill) for a in case]
         results[name] = run_case(case, work / "out")
         outcome = results[name].get("error") or f"{len(results[name]['files'])} files"
         print(f"{name}: {outcome} ({results[name]['seconds']} s)", flush=True)
