@@ -148,7 +148,7 @@ def prune(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     if output is not None:
-        check_output_dir(output, overwrite)
+        check_output_dir(output, overwrite, source=model)
     path = resolve_checkpoint(model)
     config, adapter = load_config(path)
     num_experts = adapter.num_experts(config)
@@ -444,7 +444,7 @@ def apply_plan(
 ) -> PruneResult:
     """Re-apply a saved plan to the checkpoint it was made from (no calibration needed)."""
     if output is not None:
-        check_output_dir(output, overwrite)
+        check_output_dir(output, overwrite, source=model)
     path = resolve_checkpoint(model)
     plan = plan if isinstance(plan, ModelPlan) else load_plan(plan)
     if plan.sparsity:

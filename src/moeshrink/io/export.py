@@ -24,8 +24,50 @@ from moeshrink.io.checkpoint import TOKENIZER_FILES
 from moeshrink.plan import PLAN_FILENAME, REFIT_FILENAME, ModelPlan
 
 
-def check_output_dir(output: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite``; make sure its parent can be written."""
+def _same_path(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` (both resolved) name the same directory, also through bind mounts or a
+    case-insensitive file system."""
+    if a == b:
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_not_source(output: str | Path, source: str | Path) -> None:
+    """Refuse an ``output`` that is the input checkpoint ``source``, contains it or lies inside it.
+
+    Writing the output replaces the whole output directory, and its temporary directory is made beside
+    it, so any of the three would delete or litter the input. Paths are compared fully resolved
+    (symlinks, ``.``/``..``, relative paths). A ``source`` that does not exist has nothing to lose
+    (its own error comes later)."""
+    src = Path(source).resolve()
+    if not src.exists():
+        return
+    out = Path(output).resolve()
+    if _same_path(out, src):
+        raise MoeShrinkError(
+            f"output directory {output} is the input checkpoint {src}: moeshrink never modifies its input; "
+            "choose another output directory"
+        )
+    if any(_same_path(out, parent) for parent in src.parents):
+        raise MoeShrinkError(
+            f"output directory {output} contains the input checkpoint {src} and would replace it: "
+            "choose an output directory outside the input"
+        )
+    if any(_same_path(parent, src) for parent in out.parents):
+        raise MoeShrinkError(
+            f"output directory {output} is inside the input checkpoint {src}: moeshrink never writes into "
+            "its input; choose an output directory outside the input"
+        )
+
+
+def check_output_dir(output: str | Path, overwrite: bool, *, source: str | Path | None = None) -> Path:
+    """Refuse an output that is, contains or lies inside the input checkpoint ``source`` (even with
+    ``overwrite``), and an existing output unless ``overwrite``; make sure its parent can be written."""
+    if source is not None:
+        check_not_source(output, source)
     output = Path(output)
     if output.exists() and not overwrite:
         raise MoeShrinkError(f"output directory {output} already exists: choose another or pass --overwrite")
@@ -57,9 +99,13 @@ def replace_directory(tmp: Path, output: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``output``, on failure it is removed."""
-    output = check_output_dir(output, overwrite)
+def atomic_directory(
+    output: str | Path, overwrite: bool = False, *, source: str | Path | None = None
+) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``output``, on failure it is removed.
+
+    ``source``: the input checkpoint, which the output may not be, contain or lie inside."""
+    output = check_output_dir(output, overwrite, source=source)
     tmp = temporary_directory(output)
     try:
         yield tmp
@@ -111,7 +157,7 @@ def export_checkpoint(
     same atomic directory (e.g. the exact router transfer)."""
     counts = plan.num_experts_after
     uniform = len(set(counts)) == 1
-    with atomic_directory(output, overwrite) as tmp:
+    with atomic_directory(output, overwrite, source=source) as tmp:
         model.save_pretrained(tmp, save_original_format=uniform)
         write_extras(tmp, adapter, plan, source=source, tokenizer=tokenizer, model_card=model_card)
         for name, tensors in (sidecars or {}).items():

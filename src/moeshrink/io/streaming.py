@@ -177,7 +177,7 @@ class LayerStreamer:
         experts_implementation: str | None = "eager",
     ):
         self.path = resolve_checkpoint(path)
-        self.output = None if output is None else check_output_dir(output, overwrite)
+        self.output = None if output is None else check_output_dir(output, overwrite, source=self.path)
         config, self.adapter = load_config(self.path)
         self.reader = ShardReader(self.path)
         self.dtype = resolve_dtype(config, dtype)

@@ -626,7 +626,7 @@ def search(
     (:mod:`moeshrink.surgery.router_transfer`), which ``moeshrink.load_model`` and ``moeshrink eval``
     route by; the standard weights keep the folded router for transformers and vLLM."""
     if output is not None:
-        check_output_dir(output, overwrite)
+        check_output_dir(output, overwrite, source=model)
     path = resolve_checkpoint(model)
     config, adapter = load_config(path)
     _check_family(config, adapter)
