@@ -26,8 +26,9 @@ from moeshrink.engine.runner import capture_layer_inputs, move_to_device, run_la
 from moeshrink.errors import MoeShrinkError
 from moeshrink.evaluate.tasks import known_tasks
 from moeshrink.plan import LayerPlan, NewExpert
-from moeshrink.surgery import apply_layer_plan, set_top_k
-from moeshrink.surgery.router_transfer import one_hot_rows, transfer_logits
+from moeshrink.surgery import RouteFn, RouterState, apply_layer_plan, install_router
+from moeshrink.surgery.router_transfer import one_hot_rows, transfer_route
+from moeshrink.surgery.router_transfer import transfer_logits as transfer_logits  # imported from here too
 
 # Router logits kept per MoE layer when recording (for fitting the exported router rows).
 MAX_RECORDED_TOKENS = 16384
@@ -76,27 +77,18 @@ class WorkingCopy:
     """Writes candidates into the resident model's MoE layers in place and restores the original.
 
     The original expert and router tensors are kept (the model's own objects, no copies); a candidate
-    replaces a layer's expert tensors with merged ones and wraps its router: the original router
-    computes the E logits, the transfer turns them into K, the family's scoring rule routes them.
+    replaces a layer's expert tensors with merged ones and installs a router rule
+    (:func:`~moeshrink.surgery.router.install_router`): the original router computes the E logits, the
+    transfer turns them into K, the family's scoring rule routes them.
     """
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter):
         self.model, self.adapter = model, adapter
         self.layers = {layer.index: layer for layer in adapter.moe_layers(model)}
-        self._saved = {
-            i: (
-                {s.name: layer.param(s.name) for s in layer.expert_tensors},
-                dict(layer.router_tensors()),
-                {
-                    m: getattr(m, "num_experts", None)
-                    for m in (layer.block, layer.router, layer.experts)
-                    if hasattr(m, "num_experts")
-                },
-                getattr(layer.router, "out_features", None),
-                layer.top_k,
-            )
-            for i, layer in self.layers.items()
+        self._experts = {
+            i: {s.name: layer.param(s.name) for s in layer.expert_tensors} for i, layer in self.layers.items()
         }
+        self._routers = {i: RouterState.save(layer) for i, layer in self.layers.items()}
         self.valid: torch.Tensor | None = None  # [tokens] mask of real (unpadded) tokens when recording
         self.recorded: dict[int, list[torch.Tensor]] = {}
         self.compare: dict[int, tuple[torch.Tensor, RoutingComparison]] | None = None
@@ -105,20 +97,9 @@ class WorkingCopy:
     def restore(self) -> None:
         """Put the original tensors, expert counts, top-k and router back."""
         for i, layer in self.layers.items():
-            experts, router, counts, out_features, top_k = self._saved[i]
-            for name, tensor in experts.items():
+            for name, tensor in self._experts[i].items():
                 setattr(layer.experts, name, tensor)
-            for name, tensor in router.items():
-                if name in layer.router._buffers:
-                    layer.router._buffers[name] = tensor
-                else:
-                    setattr(layer.router, name, tensor)
-            for module, count in counts.items():
-                module.num_experts = count
-            if out_features is not None:
-                layer.router.out_features = out_features
-            layer.router.__dict__.pop("forward", None)
-            set_top_k(layer, top_k)
+            self._routers[i].restore()
         self.active = False
 
     def apply(
@@ -129,38 +110,26 @@ class WorkingCopy:
         self.restore()
         per_layer = top_k if isinstance(top_k, dict) else dict.fromkeys(self.layers, top_k)
         for i, layer in self.layers.items():
-            top_k = per_layer[i]
-            _, router_tensors, _, out_features, _ = self._saved[i]
-            original = layer.router.forward
             apply_layer_plan(layer, expert_rows(i, merge[i]))
-            for name, tensor in router_tensors.items():  # the router stays the original one
-                if name in layer.router._buffers:
-                    layer.router._buffers[name] = tensor
-                else:
-                    setattr(layer.router, name, tensor)
-            layer.router.num_experts = router_tensors["weight"].shape[0]
-            if out_features is not None:
-                layer.router.out_features = out_features
-            layer.router.forward = self._router_forward(layer, original, transfer[i], top_k)
-            set_top_k(layer, top_k)
+            saved = self._routers[i]
+            saved.restore_rows()  # the router stays the original one: it computes the E logits
+            install_router(
+                layer,
+                self._route(layer, transfer[i], per_layer[i]),
+                top_k=per_layer[i],
+                source_top_k=saved.top_k[layer.router],  # the original router scores all E experts
+            )
         self.active = True
 
-    def _router_forward(self, layer: MoELayer, original, transfer: torch.Tensor, top_k: int):
-        router = layer.router
-        full_top_k = self._saved[layer.index][4]
+    def _route(self, layer: MoELayer, transfer: torch.Tensor, top_k: int) -> RouteFn:
+        exact = transfer_route(layer, transfer)
 
-        def forward(hidden_states):
-            router.top_k = full_top_k  # the original router scores all E experts
-            try:
-                logits, weights, _ = original(hidden_states)
-            finally:
-                router.top_k = top_k
-            new_logits = transfer_logits(layer, logits, transfer)
-            new_weights, new_index = layer.route(new_logits)
+        def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            new_logits, new_weights, new_index = exact(logits)
             self._observe(layer.index, logits, new_weights, new_index, top_k)
-            return new_logits.to(logits.dtype), new_weights.to(weights.dtype), new_index
+            return new_logits, new_weights, new_index
 
-        return forward
+        return route
 
     def _observe(self, index: int, logits, weights, chosen, top_k: int) -> None:
         valid = self.valid if self.valid is not None else slice(None)

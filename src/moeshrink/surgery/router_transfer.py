@@ -24,6 +24,7 @@ from torch import nn
 
 from moeshrink.arch import FamilyAdapter, MoELayer
 from moeshrink.arch.routing import sigmoid_probabilities
+from moeshrink.surgery.router import RouteFn, install_router, set_router_expert_count
 
 TRANSFER_FILENAME = "moeshrink_router_transfer.safetensors"
 
@@ -65,6 +66,18 @@ def transfer_state(
     return state
 
 
+def transfer_route(layer: MoELayer, transfer: torch.Tensor) -> RouteFn:
+    """Route the K new experts of ``layer`` from the original E logits: the exact transfer
+    ``transfer [K, E]`` (:func:`transfer_logits`), then the family's scoring rule."""
+
+    def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        new_logits = transfer_logits(layer, logits, transfer)
+        new_weights, new_index = layer.route(new_logits)
+        return new_logits, new_weights, new_index
+
+    return route
+
+
 def install_router_transfer(
     model: nn.Module, adapter: FamilyAdapter, state: dict[str, torch.Tensor]
 ) -> list[int]:
@@ -75,29 +88,24 @@ def install_router_transfer(
     for index in changed:
         layer = layers[index]
         transfer = state[f"{index}.transfer"]
-        prefix = f"{index}.router."
-        original = copy.deepcopy(layer.router)  # the family's own logit computation, with the E rows
-        for key, tensor in state.items():
-            if key.startswith(prefix):
-                name = key[len(prefix) :]
-                value = tensor.to(device=layer.router.weight.device, dtype=getattr(layer.router, name).dtype)
-                setattr(original, name, nn.Parameter(value, requires_grad=False))
-        if hasattr(original, "num_experts"):
-            original.num_experts = transfer.shape[1]
-        if hasattr(original, "out_features"):
-            original.out_features = transfer.shape[1]
-        layer.router.forward = _exact_forward(layer, original, transfer)
+        install_router(
+            layer, transfer_route(layer, transfer), source=_original_router(layer, index, state, transfer)
+        )
     return changed
 
 
-def _exact_forward(layer: MoELayer, original: nn.Module, transfer: torch.Tensor):
-    def forward(hidden_states: torch.Tensor):
-        if original.weight.device != hidden_states.device:  # not a submodule: model.to() does not move it
-            original.to(hidden_states.device)
-        original.top_k = min(layer.top_k, transfer.shape[1])  # only its logits are used
-        logits, weights, _ = original(hidden_states)
-        new_logits = transfer_logits(layer, logits, transfer)
-        new_weights, new_index = layer.route(new_logits)
-        return new_logits.to(logits.dtype), new_weights.to(weights.dtype), new_index
-
-    return forward
+def _original_router(
+    layer: MoELayer, index: int, state: dict[str, torch.Tensor], transfer: torch.Tensor
+) -> nn.Module:
+    """A private copy of ``layer``'s router with the original E rows of ``state``: the family's own
+    logit computation for the transfer (only its logits are used, so its top-k is at most E)."""
+    original = copy.deepcopy(layer.router)
+    prefix = f"{index}.router."
+    for key, tensor in state.items():
+        if key.startswith(prefix):
+            name = key[len(prefix) :]
+            value = tensor.to(device=layer.router.weight.device, dtype=getattr(layer.router, name).dtype)
+            setattr(original, name, nn.Parameter(value, requires_grad=False))
+    set_router_expert_count(original, transfer.shape[1])
+    original.top_k = min(layer.top_k, transfer.shape[1])
+    return original

@@ -7,12 +7,24 @@ experts masked out of routing), and by methods that score candidate subsets by r
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
-from moeshrink.arch import FamilyAdapter
+from moeshrink.arch import FamilyAdapter, MoELayer
+from moeshrink.surgery.router import RouteFn, installed_router
+
+
+def _masked_route(layer: MoELayer, allowed: torch.Tensor) -> RouteFn:
+    """Route ``layer``'s original logits by the family's rule, choosing only experts where ``allowed``
+    is True (the logits themselves are passed on unchanged)."""
+
+    def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weights, index = layer.route(logits, allowed)
+        return logits, weights, index
+
+    return route
 
 
 @contextmanager
@@ -25,24 +37,8 @@ def restricted_routing(
     """Within the block, MoE layer ``i`` routes only to experts where ``allowed[i]`` is True
     (and to ``top_k`` experts per token, when given)."""
     layers = {layer.index: layer for layer in adapter.moe_layers(model)}
-    saved = []
-    for index, mask in allowed.items():
-        layer = layers[index]
-        router, original = layer.router, layer.router.forward
-
-        def forward(hidden_states, _layer=layer, _original=original, _mask=mask):
-            logits, weights, _ = _original(hidden_states)
-            new_weights, new_index = _layer.route(logits, _mask)
-            return logits, new_weights.to(weights.dtype), new_index
-
-        saved.append((router, getattr(router, "top_k", None)))
-        router.forward = forward
-        if top_k is not None:
-            router.top_k = top_k
-    try:
+    with ExitStack() as stack:
+        for index, mask in allowed.items():
+            layer = layers[index]
+            stack.enter_context(installed_router(layer, _masked_route(layer, mask), top_k=top_k))
         yield
-    finally:
-        for router, k in saved:
-            del router.forward
-            if k is not None:
-                router.top_k = k
