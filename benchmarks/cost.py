@@ -36,15 +36,15 @@ def _floor(job: dict) -> dict:
     import torch
 
     from moeshrink.engine.data import build_calibration
-    from moeshrink.engine.runner import _move, capture_layer_inputs, run_layer
+    from moeshrink.engine.runner import capture_layer_inputs, move_to_device, run_layer
     from moeshrink.io.checkpoint import load_model, load_tokenizer
-    from moeshrink.io.streaming import LayerStreamer
+    from moeshrink.io.streaming import StreamedLayers
 
     path = Path(job["model"])
     ids = build_calibration(load_tokenizer(path), [job["calib"]], job["samples"], job["seq_len"], 0).input_ids
     with torch.no_grad():
         if job["stream"]:
-            streamer = LayerStreamer(path)
+            streamer = StreamedLayers.open(path)
             model, layers = streamer.model, streamer.layers
         else:
             loaded = load_model(path)
@@ -55,11 +55,11 @@ def _floor(job: dict) -> dict:
         hidden = cached.hidden
         for index, layer in enumerate(layers):
             if streamer:
-                streamer.load(index, layer)
-            kwargs = [_move(kw, "cpu") for kw in cached.layer_kwargs[index]]
+                streamer.load(index)
+            kwargs = [move_to_device(kw, "cpu") for kw in cached.layer_kwargs[index]]
             hidden = run_layer(layer, hidden, kwargs)
             if streamer:
-                streamer.release(index, layer)
+                streamer.release(index, write=False)
         normed = [model.model.norm(h) for h in hidden]
         [model.lm_head(h) for h in normed]
     return {}

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
+import json
+import os
 from pathlib import Path
 
 import pytest
 
+from moeshrink.testbed.paths import DOMAINS, corpus_dir
 from moeshrink.testbed.tiny import FAMILY_CONFIG, build_tiny_model
+
+# Jobs verify their output in a fresh process by default; the suite turns that off (seconds per prune)
+# and the verification tests turn it back on explicitly.
+os.environ["MOESHRINK_VERIFY"] = "0"
 
 FAMILIES = sorted(FAMILY_CONFIG)
 # Experts kept per family in the end-to-end tests: DeepSeek's grouped routing keeps 2 of 4 per group.
@@ -23,10 +29,13 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def calib_file(tmp_path_factory) -> Path:
-    """Real text: this project's own source files (several thousand tokens)."""
-    src = Path(__file__).resolve().parents[1] / "src" / "moeshrink"
+    """Real text that does not change with the code: the shipped testbed corpus's calibration splits
+    of every domain (tens of thousands of tokens)."""
     text = "\n\n".join(
-        Path(f).read_text() for f in sorted(glob.glob(str(src / "**" / "*.py"), recursive=True))
+        json.loads(line)["text"]
+        for domain in DOMAINS
+        for line in (corpus_dir() / domain / "calib.jsonl").read_text().splitlines()
+        if line.strip()
     )
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(text)

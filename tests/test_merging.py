@@ -4,6 +4,7 @@ checkpoints reload in a fresh process with the in-memory logits."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -156,7 +157,7 @@ def test_reconstruction_lowers_the_layer_error_and_the_plan_reapplies(checkpoint
     ``apply`` reproduces the checkpoint from plan + refit file."""
     from safetensors.torch import load_file
 
-    from moeshrink.plan import REFIT_FILENAME
+    from moeshrink.plan import LEGACY_REFIT_FILENAME, REFIT_FILENAME
 
     kwargs = dict(keep=4, calib=calib_file, samples=8, seq_len=32, progress=False)
     plain = moeshrink.prune(checkpoints["mixtral"], "uncurl", method_options={"reconstruct": False}, **kwargs)
@@ -168,6 +169,7 @@ def test_reconstruction_lowers_the_layer_error_and_the_plan_reapplies(checkpoint
         **kwargs,
     )
     assert (tmp_path / "out" / REFIT_FILENAME).is_file()
+    assert [f.name for f in (tmp_path / "out").glob("*.safetensors")] == ["model.safetensors"]
     changed = [e for lp in refit.plan.layers for e in lp.experts if e.refit]
     assert changed and all(e.refit == ["down_proj"] for e in changed)
     assert [lp.kept for lp in plain.plan.layers] == [lp.kept for lp in refit.plan.layers]
@@ -177,6 +179,13 @@ def test_reconstruction_lowers_the_layer_error_and_the_plan_reapplies(checkpoint
         load_file(tmp_path / "again" / "model.safetensors"),
     )
     assert all(torch.equal(first[k], second[k]) for k in first)
+    # an output in the layout before 0.2 (refit file at the top level) still applies
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tmp_path / "out", legacy)
+    (legacy / REFIT_FILENAME).rename(legacy / LEGACY_REFIT_FILENAME)
+    moeshrink.apply_plan(checkpoints["mixtral"], legacy / "moeshrink_plan.json", tmp_path / "third")
+    third = load_file(tmp_path / "third" / "model.safetensors")
+    assert all(torch.equal(first[k], third[k]) for k in first)
 
 
 def test_refit_solves_the_weighted_least_squares_problem():

@@ -16,13 +16,13 @@ from transformers import AutoModelForCausalLM
 
 import moeshrink
 from moeshrink.engine.data import build_calibration
-from moeshrink.engine.observers import COUNTS
 from moeshrink.engine.offload import SpilledBatches
-from moeshrink.engine.runner import compress_layerwise
+from moeshrink.engine.runner import run_steps
+from moeshrink.engine.steps import ExpertsStep
 from moeshrink.errors import MoeShrinkError
 from moeshrink.io.checkpoint import load_model, load_tokenizer
-from moeshrink.io.streaming import LayerStreamer, check_free_disk
-from moeshrink.methods import LayerBudget, get_method
+from moeshrink.io.streaming import StreamedLayers, check_free_disk
+from moeshrink.methods import get_method
 from moeshrink.testbed.tiny import build_tiny_model
 
 from .conftest import tree_digest
@@ -98,7 +98,7 @@ def test_fused_mixtral_keys_on_disk_stay_fused_as_in_memory(tmp_path, calib_file
 
 def test_one_decoder_layer_at_a_time_and_hidden_states_on_disk(tmp_path, calib_file, checkpoints):
     path = checkpoints["qwen3_moe"]
-    streamer = LayerStreamer(path)
+    streamer = StreamedLayers.open(path)
     layers = streamer.layers
     assert all(p.is_meta for layer in layers for p in layer.parameters())
     seen = []
@@ -111,20 +111,10 @@ def test_one_decoder_layer_at_a_time_and_hidden_states_on_disk(tmp_path, calib_f
     ids = build_calibration(load_tokenizer(path), [calib_file], 4, 32, 0).input_ids
     method = get_method("frequency")
     offload = tmp_path / "hidden"
-    plans = compress_layerwise(
-        streamer.model,
-        streamer.adapter,
-        ids,
-        lambda layer, stats: method.compress(layer, stats, LayerBudget(keep=4, top_k=2)),
-        frozenset({COUNTS}),
-        2,
-        batch_size=2,
-        progress=False,
-        layer_hooks=streamer,
-        offload_hidden=offload,
-    )
+    step = ExpertsStep(method=method, per_layer=dict.fromkeys(range(3), 4), top_k=2)
+    _, (plans,) = run_steps(streamer, [step], ids, batch_size=2, progress=False, offload_hidden=offload)
     gc.collect()
-    assert [p.num_experts_after for p in plans] == [4, 4, 4]
+    assert [p.num_experts_after for p in plans.values()] == [4, 4, 4]
     assert seen and max(seen) == 1 and streamer.max_loaded == 1
     assert list(offload.iterdir()) == []  # every layer's spilled hidden states were removed
     # hidden states on disk give the same checkpoint as in memory
@@ -234,7 +224,7 @@ def test_streamed_global_budget_equals_in_memory(method, tmp_path, calib_file, c
     """A global budget streams too: a read-only statistics pass (each layer read and freed), then the
     compression pass; per-layer counts are written fused, as the in-memory export writes them."""
     source = checkpoints["qwen3_moe"]
-    kw = dict(method=method, keep=5, global_budget=True)
+    kw = dict(method=method, keep=4, global_budget=True)
     memory = _prune(source, calib_file, tmp_path / "memory", stream=False, **kw)
     streamed = _prune(source, calib_file, tmp_path / "stream", stream=True, **kw)
     assert streamed.plan.budget["per_layer"] == memory.plan.budget["per_layer"]

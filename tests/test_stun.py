@@ -249,12 +249,11 @@ def test_bad_stun_budgets_fail_early(kwargs, message, checkpoints, calib_file, t
 
 
 def test_stun_recipe_step(checkpoints, calib_file, tmp_path):
-    from moeshrink.recipe import Recipe
+    from moeshrink.job import Job
 
-    recipe = Recipe(
-        steps=[{"stun": {"expert_ratio": 0.25, "total_sparsity": 0.55, "sparsity_method": "owl"}}]
-    )
-    assert (recipe.method, recipe.ratio, recipe.total_sparsity, recipe.sparsity_method) == (
+    job = Job(steps=[{"stun": {"expert_ratio": 0.25, "total_sparsity": 0.55, "sparsity_method": "owl"}}])
+    experts, sparsify = job.step_of("experts"), job.step_of("sparsify")
+    assert (experts.method, experts.ratio, sparsify.total_sparsity, sparsify.method) == (
         "stun",
         0.25,
         0.55,

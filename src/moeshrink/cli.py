@@ -41,7 +41,11 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
         help="feed each layer the original model's activations instead of the compressed ones",
     )
     p.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)"
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option (repeatable; `moeshrink methods` lists them)",
     )
     p.add_argument(
         "--sparsity", type=float, help="also zero this fraction of weights inside the routed experts"
@@ -87,6 +91,13 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite", action="store_const", const=True, help="replace an existing output directory"
     )
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_const",
+        const=False,
+        help="skip verifying the output in a fresh process (transformers; vLLM when installed)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -103,32 +114,22 @@ def _parse_options(items: Sequence[str]) -> dict:
     return options
 
 
+# Command-line flags that are job fields (the rest steer the command itself).
+_NOT_JOB_FIELDS = {"command", "func", "recipe", "option", "quiet"}
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from moeshrink.pipeline import prune
-    from moeshrink.recipe import Recipe, load_recipe
-
-    recipe = load_recipe(args.recipe) if args.recipe else Recipe()
-    overrides = {
-        k: v
-        for k, v in vars(args).items()
-        if v is not None and k in Recipe.model_fields and k not in ("steps", "method_options")
-    }
-    if args.model:
-        overrides["model"] = args.model
-    recipe = recipe.model_copy(update=overrides)
-    if args.keep is not None:
-        recipe.ratio = None
-    if args.ratio is not None:
-        recipe.keep = None
-    options = {**recipe.method_options, **_parse_options(args.option)}
-    if not recipe.model:
-        raise MoeShrinkError("no model given: moeshrink prune MODEL ... (or 'model:' in the recipe)")
-    if not recipe.method:
-        raise MoeShrinkError("no method given: pass --method NAME (or 'method:' in the recipe)")
-    kwargs = recipe.prune_kwargs() | {"method_options": options}
     from moeshrink.engine import distributed
+    from moeshrink.job import Job, load_recipe
 
-    result = prune(recipe.model, recipe.method, progress=not args.quiet, **kwargs)
+    job = load_recipe(args.recipe) if args.recipe else Job()
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_JOB_FIELDS and v is not None}
+    options = _parse_options(args.option)
+    if options:
+        recipe_experts = job.step_of("experts")
+        flags["method_options"] = {**(recipe_experts.options if recipe_experts else {}), **options}
+    job = job.updated(**flags, progress=not args.quiet)
+    result = job.run()
     if distributed.rank() != 0:
         return 0
     b, a = result.before, result.after
@@ -144,6 +145,17 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from moeshrink.methods import METHODS, method_option_help
+
+    for name in sorted(METHODS):
+        options = method_option_help(name)
+        print(name + (":" if options else ": no options"))
+        for line in options.splitlines():
+            print(f"  --option {line}")
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from moeshrink.info import inspect_model
 
@@ -155,11 +167,34 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_apply(args: argparse.Namespace) -> int:
     from moeshrink.pipeline import apply_plan
 
-    result = apply_plan(args.model, args.plan, args.output, overwrite=args.overwrite)
+    result = apply_plan(args.model, args.plan, args.output, overwrite=args.overwrite, verify=args.verify)
     print(
         f"applied {args.plan}: experts per layer {result.after.experts_per_layer[0]}; wrote {result.output}"
     )
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moeshrink.io.checkpoint import resolve_checkpoint
+    from moeshrink.plan import PLAN_FILENAME
+    from moeshrink.verify import verify_checkpoint
+
+    directory = resolve_checkpoint(args.model)
+    reference = None
+    if args.original:
+        from moeshrink.pipeline import apply_plan
+
+        plan = directory / PLAN_FILENAME
+        if not plan.is_file():
+            raise MoeShrinkError(
+                f"{directory} has no {PLAN_FILENAME}: --original needs the plan to rebuild it"
+            )
+        reference = apply_plan(args.original, plan, verify=False).model
+    verification = verify_checkpoint(Path(directory), reference, vllm=not args.no_vllm)
+    print(verification.to_text())
+    return 1 if verification.failed else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -264,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_inspect)
 
+    p = sub.add_parser("methods", help="the expert-level methods and their options (--option KEY=VALUE)")
+    p.set_defaults(func=_cmd_methods)
+
     p = sub.add_parser("prune", help="remove experts with a method and export a standard checkpoint")
     _add_prune_arguments(p)
     p.set_defaults(func=_cmd_prune)
@@ -273,7 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--no-verify", dest="verify", action="store_const", const=False, help="skip verifying the output"
+    )
     p.set_defaults(func=_cmd_apply)
+
+    p = sub.add_parser(
+        "verify", help="check a checkpoint in a fresh transformers process and, when installed, in vLLM"
+    )
+    p.add_argument("model", help="the checkpoint directory to verify")
+    p.add_argument(
+        "--original", help="the checkpoint it was made from: rebuild it from its plan and compare outputs"
+    )
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM check")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser(
         "eval", help="perplexity per domain, lm-eval tasks, speed and memory; several models side by side"

@@ -19,7 +19,12 @@ from pydantic import BaseModel, Field, PrivateAttr, model_validator
 PLAN_FORMAT = "moeshrink-plan/1"
 PLAN_FILENAME = "moeshrink_plan.json"
 # Weights a plan cannot express as combinations of old experts (least-squares re-fits), saved beside it.
-REFIT_FILENAME = "moeshrink_refit.safetensors"
+# Everything moeshrink writes beside the weights that is not a model weight lives in this subfolder:
+# vLLM (and SGLang) load every *.safetensors file at the top of a checkpoint folder and refuse one
+# that holds tensors the model does not have.
+EXTRAS_DIR = "moeshrink_extras"
+REFIT_FILENAME = f"{EXTRAS_DIR}/refit.safetensors"
+LEGACY_REFIT_FILENAME = "moeshrink_refit.safetensors"  # written at the top level before 0.2; still read
 
 
 class NewExpert(BaseModel):
@@ -119,6 +124,8 @@ class ModelPlan(BaseModel):
     sparsity: dict[str, Any] | None = None
     versions: dict[str, str] = Field(default_factory=dict)
     layers: list[LayerPlan]
+    # The checks made on the exported checkpoint (moeshrink.verify): check -> status, detail, differences.
+    verification: dict[str, Any] | None = None
 
     @property
     def num_experts_after(self) -> list[int]:

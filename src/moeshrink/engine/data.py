@@ -38,19 +38,26 @@ def _is_hf_dataset_dir(path: Path) -> bool:
     )
 
 
-def read_documents(paths: Sequence[str | Path], text_field: str = "text") -> list[str]:
-    """Read documents from text files, JSONL files or a local datasets directory."""
-    docs: list[str] = []
+def check_calibration_files(paths: Sequence[str | Path]) -> None:
+    """Each path is a file or a saved datasets directory (checked before anything is read)."""
     for raw in paths:
         path = Path(raw)
         if not path.exists():
             raise MoeShrinkError(f"calibration file not found: {path}")
-        if _is_hf_dataset_dir(path):
-            docs.extend(_read_hf_dataset(path, text_field))
-        elif path.is_dir():
+        if path.is_dir() and not _is_hf_dataset_dir(path):
             raise MoeShrinkError(
                 f"{path} is a directory but not a saved datasets directory: pass text/JSONL files instead"
             )
+
+
+def read_documents(paths: Sequence[str | Path], text_field: str = "text") -> list[str]:
+    """Read documents from text files, JSONL files or a local datasets directory."""
+    check_calibration_files(paths)
+    docs: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if _is_hf_dataset_dir(path):
+            docs.extend(_read_hf_dataset(path, text_field))
         elif path.suffix == ".jsonl":
             docs.extend(_read_jsonl(path, text_field))
         else:

@@ -1,7 +1,8 @@
-"""What the layer-wise runner needs to work on models larger than memory.
+"""Where the layer loop gets its layers and keeps its hidden states.
 
-:class:`LayerHooks` lets a caller materialise a decoder layer's weights just before the runner uses
-it and write / free them right after (:class:`moeshrink.io.streaming.LayerStreamer` does this), and
+A :class:`LayerSource` gives the loop one decoder layer at a time and takes it back: resident
+(:class:`ResidentLayers`, the whole model in memory) or streamed from the shards
+(:class:`moeshrink.io.streaming.StreamedLayers`, one layer in memory, written out as it is released).
 :class:`SpilledBatches` keeps the cached hidden states of the calibration batches on disk instead of
 in memory (``--offload-hidden DIR``).
 """
@@ -13,21 +14,50 @@ import tempfile
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from moeshrink.arch import FamilyAdapter
 
-class LayerHooks(Protocol):
-    """Called by the runner around its use of each decoder layer."""
 
-    def load(self, index: int, layer: nn.Module) -> None:
-        """Materialise decoder layer ``index``'s weights (before the runner touches it)."""
+class LayerSource(Protocol):
+    """A model whose decoder layers the layer loop asks for one at a time."""
 
-    def release(self, index: int, layer: nn.Module) -> None:
-        """The runner is done with decoder layer ``index``: write and free it."""
+    model: nn.Module
+    adapter: FamilyAdapter
+    # Whether a layer changed in one pass is still changed in the next (False when streaming).
+    keeps_changes: bool
+
+    def load(self, index: int) -> None:
+        """Materialise decoder layer ``index``'s weights (before the loop touches it)."""
+
+    def release(self, index: int, *, write: bool) -> None:
+        """The loop is done with decoder layer ``index`` in this pass; ``write``: it is final."""
+
+    def open_output(self, fused_experts: bool) -> None:
+        """Called once before the final pass: whether the experts are written fused (per-layer counts)."""
+
+
+@dataclass
+class ResidentLayers:
+    """The whole model in memory: nothing to load, free or write per layer."""
+
+    model: nn.Module
+    adapter: FamilyAdapter
+    keeps_changes: bool = True
+
+    def load(self, index: int) -> None:
+        """Already in memory."""
+
+    def release(self, index: int, *, write: bool) -> None:
+        """Stays in memory; the export writes the whole model."""
+
+    def open_output(self, fused_experts: bool) -> None:
+        """The export chooses the layout from the plan."""
 
 
 class SpilledBatches:

@@ -1,14 +1,18 @@
-"""The layer-wise calibration runner (SparseGPT / Wanda / llm-compressor style).
+"""The layer loop (SparseGPT / Wanda / llm-compressor's sequential pipeline).
 
-Embed the calibration batches once, then for each decoder layer: run it with observers attached,
-let the method plan the layer from the statistics, apply the plan, and re-run the compressed layer
-to produce the next layer's inputs (error propagation, on by default). Only one decoder layer is on
-``device`` at a time; the model itself stays where it was loaded.
+Embed the calibration batches once, then for each decoder layer: for each step, run the layer with
+the observers the step needs and apply the step; then re-run the changed layer to produce the next
+layer's inputs (error propagation, on by default). Only one decoder layer is on ``device`` at a
+time; the layer source (resident, or streamed from the shards) gives each layer and takes it back.
+
+:func:`run_steps` runs a list of :mod:`steps <moeshrink.engine.steps>` in order: a step with a
+global pass first has the steps before it applied, then a statistics-only pass over the model as
+they left it, then is prepared from what that pass measured. Every pass is :func:`layer_pass`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +23,9 @@ from tqdm.auto import tqdm
 from moeshrink.arch import FamilyAdapter, MoELayer
 from moeshrink.engine.distributed import reduce_stats, reduce_sums
 from moeshrink.engine.observers import LayerObserver, LayerStats, LinearInputObserver
-from moeshrink.engine.offload import LayerHooks, SpilledBatches
-from moeshrink.plan import LayerPlan
-from moeshrink.surgery import set_top_k
+from moeshrink.engine.offload import LayerSource, ResidentLayers, SpilledBatches
+from moeshrink.engine.steps import LayerStep, LayerView, MeasureStep
+from moeshrink.errors import MoeShrinkError
 
 
 @dataclass
@@ -103,142 +107,191 @@ def run_layer(decoder_layer: nn.Module, hidden: list[torch.Tensor], kwargs: list
     return outputs
 
 
-# Plans one MoE layer from its statistics and applies the plan to it; returns the plan.
-CompressLayer = Callable[[MoELayer, "LayerStats | None"], LayerPlan]
+@dataclass(frozen=True)
+class _Action:
+    """What a pass does at each layer: a step's apply (changes the layer) or its measure (does not)."""
+
+    step: LayerStep
+    measuring: bool
+
+    def needs(self, moe: MoELayer | None) -> frozenset[str]:
+        if moe is None:
+            return frozenset()
+        return self.step.global_needs if self.measuring else self.step.needs
+
+    def linears(self, decoder_layer: nn.Module, moe: MoELayer | None) -> dict[str, nn.Module]:
+        if self.measuring:
+            return self.step.global_linears(decoder_layer, moe)
+        return self.step.linears(decoder_layer, moe)
+
+    def visits(self, moe: MoELayer | None) -> bool:
+        return moe is not None or self.step.visits_dense
+
+    def wants_data(self, decoder_layer: nn.Module, moe: MoELayer | None) -> bool:
+        return self.visits(moe) and bool(self.needs(moe) or self.linears(decoder_layer, moe))
+
+    def __call__(self, view: LayerView):
+        return self.step.measure(view) if self.measuring else self.step.apply(view)
 
 
-def _no_linears(decoder_layer: nn.Module, moe: MoELayer | None) -> dict[str, nn.Module]:
-    return {}
-
-
-@dataclass
-class SparsifyStep:
-    """Weight sparsification of each decoder layer, run right after its experts are compressed.
-
-    ``apply(index, decoder_layer, moe, stats, linear_norms)`` prunes in place (and records what it
-    did itself). ``needs`` are the MoE statistics it reads; ``linears``
-    names the plain linear layers whose input norms it reads (``{}``: none). With ``dense_layers`` the
-    decoder layers without routed experts are visited too (``moe`` is then None).
-    """
-
-    apply: Callable[[int, nn.Module, MoELayer | None, LayerStats | None, dict[str, torch.Tensor]], None]
-    needs: frozenset[str] = frozenset()
-    linears: Callable[[nn.Module, MoELayer | None], dict[str, nn.Module]] = _no_linears
-    dense_layers: bool = False
-
-
-def _sparsify(
-    step: SparsifyStep,
-    index: int,
+def observe(
     decoder_layer: nn.Module,
     moe: MoELayer | None,
-    data: tuple[list[torch.Tensor], list[dict]] | None,
-) -> None:
-    """Collect what ``step`` needs by running the layer over ``data`` (if any), then apply it."""
-    linears = step.linears(decoder_layer, moe)
-    needs = step.needs if moe is not None else frozenset()
-    if data is None or (not needs and not linears):
-        step.apply(index, decoder_layer, moe, None, {})
-        return
+    needs: frozenset[str],
+    linears: dict[str, nn.Module],
+    hidden: list[torch.Tensor],
+    kwargs: list[dict],
+) -> tuple[LayerStats | None, dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Run the layer over the cached batches with observers: the MoE statistics ``needs`` (None in a
+    dense layer), the input norms of ``linears`` (reduced over ranks), and the layer's outputs."""
     linear_observer = LinearInputObserver(linears)
+    stats = None
     if moe is not None:
         with LayerObserver(moe, needs) as observer, linear_observer:
-            run_layer(decoder_layer, *data)
+            outputs = run_layer(decoder_layer, hidden, kwargs)
         reduce_stats(observer.stats, observer.max_sample_tokens)
         stats = observer.stats
     else:
         with linear_observer:
-            run_layer(decoder_layer, *data)
-        stats = None
+            outputs = run_layer(decoder_layer, hidden, kwargs)
     reduce_sums(linear_observer.sq_norms)
-    step.apply(index, decoder_layer, moe, stats, linear_observer.sq_norms)
+    return stats, linear_observer.sq_norms, outputs
 
 
 @torch.no_grad()
-def compress_layerwise(
-    model: nn.Module,
-    adapter: FamilyAdapter,
+def layer_pass(
+    source: LayerSource,
+    actions: Sequence[_Action],
     input_ids: torch.Tensor | None,
-    compress_layer: CompressLayer | None,
-    needs: frozenset[str],
-    top_k: int,
+    *,
+    write: bool,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    error_propagation: bool = True,
+    progress: bool = True,
+    desc: str = "layers",
+    offload_hidden: str | Path | None = None,
+) -> list[dict[int, object]]:
+    """The one layer loop: visit the decoder layers in order and, at each, every action in turn
+    (observing what it needs first, on the layer as the earlier actions left it). Returns each
+    action's results by layer. With no statistics wanted (or no ``input_ids``) no forward pass is
+    made. ``write``: the source writes each layer out when released (else it only frees it)."""
+    device = torch.device(device)
+    model, adapter = source.model, source.adapter
+    layers = adapter.decoder_layers(model)
+    moe_by_index = {m.index: m for m in adapter.moe_layers(model)}
+    visited = [i for i in range(len(layers)) if any(a.visits(moe_by_index.get(i)) for a in actions)]
+    results: list[dict[int, object]] = [{} for _ in actions]
+    if not visited:
+        return results
+    last = max(visited)
+    wants_data = input_ids is not None and any(
+        a.wants_data(layers[i], moe_by_index.get(i)) for i in visited for a in actions
+    )
+    home = next(model.parameters()).device
+    cached = hidden = None
+    if wants_data:
+        store = None if offload_hidden is None else SpilledBatches(offload_hidden, device)
+        cached = capture_layer_inputs(model, adapter, input_ids, batch_size, device, store)
+        hidden = cached.hidden
+    bar = tqdm(layers[: last + 1], desc=desc, unit="layer", disable=not progress or not wants_data)
+    for index, decoder_layer in enumerate(bar):
+        moe = moe_by_index.get(index)
+        source.load(index)
+        kwargs = None
+        if wants_data:
+            decoder_layer.to(device)
+            kwargs = [move_to_device(kw, device) for kw in cached.layer_kwargs[index]]
+        outputs = None  # the layer's outputs before any action changed it
+        changed = False
+        mine = [(n, a) for n, a in enumerate(actions) if a.visits(moe)]
+        if wants_data and not error_propagation and mine and not mine[0][1].wants_data(decoder_layer, moe):
+            outputs = run_layer(decoder_layer, hidden, kwargs)
+        for n, action in mine:
+            view = LayerView(index, decoder_layer, moe)
+            if wants_data and action.wants_data(decoder_layer, moe):
+                needs, linears = action.needs(moe), action.linears(decoder_layer, moe)
+                view.stats, view.linear_norms, observed = observe(
+                    decoder_layer, moe, needs, linears, hidden, kwargs
+                )
+                if not changed:
+                    outputs = observed
+            results[n][index] = action(view)
+            changed = changed or not action.measuring
+        if wants_data and index < last:
+            if outputs is None or (error_propagation and changed):
+                outputs = run_layer(decoder_layer, hidden, kwargs)
+            hidden = outputs
+        if wants_data:
+            decoder_layer.to(home)
+        source.release(index, write=write)
+    return results
+
+
+@torch.no_grad()
+def run_steps(
+    source: LayerSource,
+    steps: Sequence[LayerStep],
+    input_ids: torch.Tensor | None,
     *,
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     error_propagation: bool = True,
     progress: bool = True,
-    sparsify: SparsifyStep | None = None,
-    layer_hooks: LayerHooks | None = None,
     offload_hidden: str | Path | None = None,
-) -> list[LayerPlan]:
-    """Compress every MoE layer in order with ``compress_layer`` (None: leave the experts as they are),
-    then (optionally) sparsify the layer with statistics of its compressed form; returns the layer
-    plans. With no statistics needed at all no forward pass is made."""
-    device = torch.device(device)
-    layers = adapter.decoder_layers(model)
-    moe_by_index = {m.index: m for m in adapter.moe_layers(model)}
-    plans: list[LayerPlan] = []
-    visit_dense = sparsify is not None and sparsify.dense_layers
-    last = len(layers) - 1 if visit_dense else max(moe_by_index)
+) -> tuple[list[LayerStep], list[dict[int, object]]]:
+    """Apply ``steps`` in order to every layer of ``source``; returns the steps as prepared (after
+    their global passes) and what each did, by layer.
 
-    def compress(moe: MoELayer, stats: LayerStats | None) -> None:
-        if compress_layer is not None:
-            plans.append(compress_layer(moe, stats))
-        set_top_k(moe, top_k)
+    Steps with no global pass between them share one pass over the layers. A step with a global pass
+    has the steps queued before it applied first, so its pass sees the model as they left it; a
+    source that cannot keep changes between passes (streaming) refuses that order."""
+    moe_layers = {m.index: m for m in source.adapter.moe_layers(source.model)}
+    prepared: list[LayerStep] = []
+    records: list[dict[int, object]] = []
+    queued: list[LayerStep] = []
+    settings = dict(device=device, batch_size=batch_size, error_propagation=error_propagation)
 
-    sparsify_wants_data = sparsify is not None and (
-        bool(sparsify.needs)
-        or any(sparsify.linears(layer, moe_by_index.get(i)) for i, layer in enumerate(layers))
-    )
-    if (not needs and not sparsify_wants_data) or input_ids is None:
-        for index, decoder_layer in enumerate(layers[: last + 1]):
-            moe = moe_by_index.get(index)
-            if layer_hooks is not None:
-                layer_hooks.load(index, decoder_layer)
-            if moe is not None:
-                compress(moe, None)
-            if sparsify is not None and (moe is not None or visit_dense):
-                _sparsify(sparsify, index, decoder_layer, moe, None)
-            if layer_hooks is not None:
-                layer_hooks.release(index, decoder_layer)
-        return plans
+    def flush(write: bool) -> None:
+        if queued and not write and not source.keeps_changes:
+            raise MoeShrinkError(
+                f"a '{queued[0].kind}' step before a step with a global pass needs the whole model in memory: "
+                "run without --stream"
+            )
+        done = layer_pass(
+            source,
+            [_Action(s, measuring=False) for s in queued],
+            input_ids,
+            write=write,
+            progress=progress,
+            desc="calibrate+compress",
+            offload_hidden=offload_hidden,
+            **settings,
+        )
+        records.extend(done)
+        queued.clear()
 
-    home = next(model.parameters()).device
-    store = None if offload_hidden is None else SpilledBatches(offload_hidden, device)
-    cached = capture_layer_inputs(model, adapter, input_ids, batch_size, device, store)
-    hidden = cached.hidden
-    bar = tqdm(list(enumerate(layers)), desc="calibrate+compress", unit="layer", disable=not progress)
-    for index, decoder_layer in bar:
-        if index > last:
-            break
-        if layer_hooks is not None:
-            layer_hooks.load(index, decoder_layer)
-        decoder_layer.to(device)
-        kwargs = [move_to_device(kw, device) for kw in cached.layer_kwargs[index]]
-        moe = moe_by_index.get(index)
-        outputs = None  # the layer's outputs before it is changed
-        stats = None
-        if moe is not None and needs:
-            with LayerObserver(moe, needs) as observer:
-                outputs = run_layer(decoder_layer, hidden, kwargs)
-            reduce_stats(observer.stats, observer.max_sample_tokens)
-            stats = observer.stats
-        elif not error_propagation:
-            outputs = run_layer(decoder_layer, hidden, kwargs)
-        if moe is not None:
-            compress(moe, stats)
-        sparsified = sparsify is not None and (moe is not None or visit_dense)
-        if sparsified:
-            _sparsify(sparsify, index, decoder_layer, moe, (hidden, kwargs))
-        if index < last:
-            changed = sparsified or (moe is not None and compress_layer is not None)
-            if outputs is None or (error_propagation and changed):
-                outputs = run_layer(decoder_layer, hidden, kwargs)
-            hidden = outputs
-        decoder_layer.to(home)
-        if layer_hooks is not None:
-            layer_hooks.release(index, decoder_layer)
-    return plans
+    for step in steps:
+        step = step.resolve(prepared, source.model, source.adapter)
+        if step.global_needs is not None:
+            if queued:
+                flush(write=False)
+            (measures,) = layer_pass(
+                source,
+                [_Action(step, measuring=True)],
+                input_ids,
+                write=False,
+                progress=progress,
+                desc=f"{step.kind}: statistics",
+                **settings,
+            )
+            step = step.prepare(measures, moe_layers)
+        prepared.append(step)
+        queued.append(step)
+    counts = [s.expert_counts for s in prepared if s.expert_counts is not None]
+    source.open_output(fused_experts=any(len(set(c.values())) > 1 for c in counts))
+    flush(write=True)
+    return prepared, records
 
 
 @torch.no_grad()
@@ -251,32 +304,16 @@ def collect_layer_stats(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     progress: bool = True,
-    layer_hooks: LayerHooks | None = None,
 ) -> dict[int, LayerStats]:
-    """Statistics of every MoE layer of the unmodified model, one layer at a time (no compression).
-    ``layer_hooks`` materialise each decoder layer before and free it after (streaming)."""
-    device = torch.device(device)
-    layers = adapter.decoder_layers(model)
-    moe_by_index = {m.index: m for m in adapter.moe_layers(model)}
-    home = next(model.parameters()).device
-    cached = capture_layer_inputs(model, adapter, input_ids, batch_size, device)
-    hidden, stats = cached.hidden, {}
-    bar = tqdm(list(enumerate(layers)), desc="statistics", unit="layer", disable=not progress)
-    for index, decoder_layer in bar:
-        if index > max(moe_by_index):
-            break
-        if layer_hooks is not None:
-            layer_hooks.load(index, decoder_layer)
-        decoder_layer.to(device)
-        kwargs = [move_to_device(kw, device) for kw in cached.layer_kwargs[index]]
-        if index in moe_by_index:
-            with LayerObserver(moe_by_index[index], needs) as observer:
-                hidden = run_layer(decoder_layer, hidden, kwargs)
-            reduce_stats(observer.stats, observer.max_sample_tokens)
-            stats[index] = observer.stats
-        else:
-            hidden = run_layer(decoder_layer, hidden, kwargs)
-        decoder_layer.to(home)
-        if layer_hooks is not None:
-            layer_hooks.release(index, decoder_layer)
+    """Statistics of every MoE layer of the unmodified in-memory ``model`` (nothing is changed)."""
+    (stats,) = layer_pass(
+        ResidentLayers(model, adapter),
+        [_Action(MeasureStep(frozenset(needs)), measuring=True)],
+        input_ids,
+        write=False,
+        device=device,
+        batch_size=batch_size,
+        progress=progress,
+        desc="statistics",
+    )
     return stats

@@ -18,7 +18,11 @@ from moeshrink.errors import MoeShrinkError
 from moeshrink.plan import LayerPlan
 from moeshrink.surgery import apply_layer_plan, set_top_k
 from moeshrink.surgery.apply import PER_LAYER_KEY, TOP_K_PER_LAYER_KEY
-from moeshrink.surgery.router_transfer import TRANSFER_FILENAME, install_router_transfer
+from moeshrink.surgery.router_transfer import (
+    LEGACY_TRANSFER_FILENAME,
+    TRANSFER_FILENAME,
+    install_router_transfer,
+)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -78,6 +82,15 @@ def weight_files(path: Path) -> list[Path]:
     raise MoeShrinkError(f"{path}: no model.safetensors or model.safetensors.index.json found")
 
 
+def find_extra(directory: Path, name: str, legacy: str) -> Path | None:
+    """An extras file of a checkpoint folder where moeshrink writes it now, or where it wrote it
+    before (top level, which vLLM refuses: re-export, or move it into the subfolder, to serve it)."""
+    for candidate in (directory / name, directory / legacy):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def check_safetensors_file(file: Path) -> None:
     """Header parses and the file is as long as its header says (catches truncated downloads)."""
     size = file.stat().st_size
@@ -124,14 +137,28 @@ def resize_per_layer(model: nn.Module, adapter: FamilyAdapter, config) -> None:
         apply_layer_plan(layer, LayerPlan.keep(layer.index, layer.num_experts, keep))
 
 
+def resolve_dtype(config: PretrainedConfig, dtype: str | torch.dtype) -> torch.dtype:
+    """``auto`` -> the checkpoint's dtype from its config (float32 when it names none)."""
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def check_moe_layers(model: nn.Module, adapter: FamilyAdapter, path: Path) -> None:
+    """The model has MoE layers, and its experts are laid out as the adapter expects."""
+    layers = adapter.moe_layers(model)
+    if not layers:
+        raise MoeShrinkError(f"{path}: no MoE layers found in this {adapter.model_type} model")
+    adapter.check_weights_layout(layers[0])
+
+
 def _load_per_layer(path: Path, config, adapter: FamilyAdapter, dtype, experts: str | None) -> nn.Module:
     """Load a checkpoint whose MoE layers keep different numbers of experts (config field
     ``moeshrink_experts_per_layer``): build the model, shrink each layer to its count with the
     shared surgery, then load the fused tensors strictly (only tied weights may be absent)."""
-    if dtype == "auto":
-        dtype = getattr(config, "dtype", None) or torch.float32
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=experts)
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=resolve_dtype(config, dtype), experts_implementation=experts
+    )
     resize_per_layer(model, adapter, config)
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
@@ -189,15 +216,13 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, experts_implementation=experts)
     model.eval()
     check_finite(model)
+    check_moe_layers(model, adapter, path)
     layers = adapter.moe_layers(model)
-    if not layers:
-        raise MoeShrinkError(f"{path}: no MoE layers found in this {adapter.model_type} model")
-    adapter.check_weights_layout(layers[0])
     per_layer_top_k = getattr(config, TOP_K_PER_LAYER_KEY, None)
     if per_layer_top_k:  # routers were built with the largest top-k
         for layer in layers:
             set_top_k(layer, int(per_layer_top_k[layer.index]))
-    transfer = path / TRANSFER_FILENAME
-    if exact_router and transfer.is_file():  # an EEP export's exact router transfer (see router_transfer)
+    transfer = find_extra(path, TRANSFER_FILENAME, LEGACY_TRANSFER_FILENAME)
+    if exact_router and transfer is not None:  # an EEP export's exact router transfer (see router_transfer)
         install_router_transfer(model, adapter, load_file(transfer))
     return LoadedModel(model=model, adapter=adapter, path=path, tokenizer=tokenizer or load_tokenizer(path))

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,8 +20,9 @@ from torch import nn
 
 from moeshrink.arch import FamilyAdapter
 from moeshrink.errors import MoeShrinkError
-from moeshrink.io.checkpoint import TOKENIZER_FILES
-from moeshrink.plan import PLAN_FILENAME, REFIT_FILENAME, ModelPlan
+from moeshrink.io.checkpoint import TOKENIZER_FILES, find_extra
+from moeshrink.plan import LEGACY_REFIT_FILENAME, PLAN_FILENAME, REFIT_FILENAME, ModelPlan
+from moeshrink.serving import is_per_layer, mark_per_layer_architecture
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -147,21 +148,28 @@ def export_checkpoint(
     model_card: str | None = None,
     overwrite: bool = False,
     sidecars: dict[str, dict[str, torch.Tensor]] | None = None,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save ``model`` with per-expert keys (transformers' original on-disk format), the tokenizer,
     the plan and a model card to ``output``.
 
     With different expert counts per layer the tensors are saved fused (the layout in memory, which
     needs no per-family key conversion) and config.json lists the counts; ``moeshrink.load_model``
-    reloads such a checkpoint exactly. ``sidecars`` are further safetensors files written inside the
-    same atomic directory (e.g. the exact router transfer)."""
+    reloads such a checkpoint exactly. Per-layer counts or top-k name the architecture
+    ``Moeshrink<Original>`` (see :mod:`moeshrink.serving`), which vLLM serves through moeshrink's
+    plugin. ``sidecars`` are further safetensors files written inside the same atomic directory (e.g.
+    the exact router transfer)."""
     counts = plan.num_experts_after
     uniform = len(set(counts)) == 1
     with atomic_directory(output, overwrite, source=source) as tmp:
         model.save_pretrained(tmp, save_original_format=uniform)
+        if is_per_layer(model.config):  # served by moeshrink's vLLM plugin, refused by plain vLLM
+            mark_per_layer_architecture(tmp / "config.json")
         write_extras(tmp, adapter, plan, source=source, tokenizer=tokenizer, model_card=model_card)
         for name, tensors in (sidecars or {}).items():
-            save_file(tensors, tmp / name, metadata={"format": "pt"})
+            save_extra(tmp / name, tensors)
+        if before_commit is not None:
+            before_commit(tmp)
     return Path(output)
 
 
@@ -181,7 +189,7 @@ def write_extras(
     plan.save(directory / PLAN_FILENAME)
     refit = plan.refit_state()
     if refit:
-        save_file(refit, directory / REFIT_FILENAME, metadata={"format": "pt"})
+        save_extra(directory / REFIT_FILENAME, refit)
     if model_card is not None:
         (directory / "README.md").write_text(model_card)
 
@@ -191,10 +199,17 @@ def load_plan(path: str | Path) -> ModelPlan:
     path = Path(path)
     plan = ModelPlan.load(path)
     if any(e.refit for lp in plan.layers for e in lp.experts):
-        refit = path.parent / REFIT_FILENAME
-        if not refit.is_file():
+        refit = find_extra(path.parent, REFIT_FILENAME, LEGACY_REFIT_FILENAME)
+        if refit is None:
             raise MoeShrinkError(
-                f"{path} re-fits merged experts but {refit} is missing: keep the two files together"
+                f"{path} re-fits merged experts but {path.parent / REFIT_FILENAME} is missing: keep the plan's "
+                "folder together (the plan and its moeshrink_extras/ subfolder)"
             )
         plan.attach_refit(load_file(refit))
     return plan
+
+
+def save_extra(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write tensors that are not model weights (into the extras subfolder named in ``file``)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, file, metadata={"format": "pt"})

@@ -3,9 +3,9 @@
 The model is built without weights (parameters on the meta device, buffers such as rotary tables
 real). The tensors outside the decoder layers (embeddings, final norm, LM head) are loaded up front;
 each decoder layer's tensors are read from the safetensors shards only when the layer-wise runner
-reaches it (:meth:`LayerStreamer.load`), and after the runner is done with the layer its tensors
+reaches it (:meth:`StreamedLayers.load`), and after the runner is done with the layer its tensors
 are written to an output shard and the layer goes back to the meta device
-(:meth:`LayerStreamer.release`). Peak memory is then one layer plus the cached hidden states.
+(:meth:`StreamedLayers.release`). Peak memory is then one layer plus the cached hidden states.
 
 On-disk key layouts are translated with transformers' own conversion machinery, applied to one
 layer's tensors at a time: per-expert keys (``experts.0.w1.weight``) are fused on load exactly as
@@ -21,7 +21,7 @@ import os
 import shutil
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -38,14 +38,16 @@ from transformers.utils import logging as hf_logging
 from moeshrink.arch import FamilyAdapter
 from moeshrink.errors import MoeShrinkError
 from moeshrink.io.checkpoint import (
-    LoadedModel,
+    check_moe_layers,
     check_safetensors_file,
     load_config,
     resolve_checkpoint,
+    resolve_dtype,
     weight_files,
 )
 from moeshrink.io.export import check_output_dir, replace_directory, temporary_directory, write_extras
 from moeshrink.plan import ModelPlan
+from moeshrink.serving import serving_architectures
 from moeshrink.sparsity.accounting import SparsityReport, TensorSparsity, layer_of, tensor_sparsity
 
 SAFETENSORS_METADATA = {"format": "pt"}
@@ -151,35 +153,34 @@ class ShardWriter:
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def resolve_dtype(config: PretrainedConfig, dtype: str | torch.dtype) -> torch.dtype:
-    """``auto`` -> the checkpoint's dtype from its config (float32 when it names none)."""
-    if dtype == "auto":
-        dtype = getattr(config, "dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+class StreamedLayers:
+    """A model skeleton whose decoder layers are read from the shards and written out one at a time
+    (a :class:`~moeshrink.engine.offload.LayerSource`).
 
+    The layer loop calls :meth:`load` before it touches a decoder layer and :meth:`release` when it
+    is done with it. With ``output`` each layer released for the last time is written to a hidden
+    temporary directory beside it; :meth:`commit` writes the rest and renames it into place. A source
+    dropped before it commits (an error on the way) removes its temporary directory, so no
+    half-written output remains. With ``count_zeros`` each written layer's exact zeros are counted
+    (:meth:`sparsity_report`). The checks on the output, the config and the shards are the job's
+    (:meth:`open` makes them for a caller without a job)."""
 
-class LayerStreamer:
-    """A model skeleton whose decoder layers are loaded from the shards and written out one at a time.
-
-    Use ``model`` as the loaded model; pass the streamer as ``layer_hooks`` to the layer-wise runner,
-    which calls :meth:`load` before it touches a decoder layer and :meth:`release` when it is done.
-    With ``output`` each released layer is written to a hidden temporary directory beside it;
-    :meth:`commit` writes the rest and renames it into place. A streamer dropped before it commits
-    (an error on the way) removes its temporary directory, so no half-written output remains."""
+    keeps_changes = False  # a layer freed between passes is read again from the shards, unchanged
 
     def __init__(
         self,
-        path: str | Path,
+        path: Path,
+        config: PretrainedConfig,
+        adapter: FamilyAdapter,
+        reader: ShardReader,
         dtype: str | torch.dtype = "auto",
         *,
         output: str | Path | None = None,
-        overwrite: bool = False,
+        count_zeros: bool = False,
         experts_implementation: str | None = "eager",
     ):
-        self.path = resolve_checkpoint(path)
-        self.output = None if output is None else check_output_dir(output, overwrite, source=self.path)
-        config, self.adapter = load_config(self.path)
-        self.reader = ShardReader(self.path)
+        self.path, self.adapter, self.reader = path, adapter, reader
+        self.output = None if output is None else Path(output)
         self.dtype = resolve_dtype(config, dtype)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(
@@ -197,25 +198,32 @@ class LayerStreamer:
             self.writer = ShardWriter(self.directory, len(self.layers) + 1)
         self.loaded: set[int] = set()
         self.released: set[int] = set()
-        # Per-layer expert counts are saved fused, as export_checkpoint does (set before writing).
-        self.keep_fused = False
-        # With sparsity, each layer's exact zero counts are kept as it is released (set before writing).
-        self.count_zeros = False
-        self.zero_counts: list[TensorSparsity] = []
+        self.fused_experts = False  # per-layer expert counts are written fused (open_output)
+        self.zero_counts: list[TensorSparsity] | None = [] if count_zeros else None
         self.max_loaded = 0  # most decoder layers materialised at once (at most 1 by design)
         self._load_state(self.reader.read(self.reader.by_layer[None]), "the embeddings and head")
         self.model.tie_weights()
-        moe_layers = self.adapter.moe_layers(self.model)
-        if not moe_layers:
-            raise MoeShrinkError(f"{self.path}: no MoE layers found in this {self.adapter.model_type} model")
-        self.adapter.check_weights_layout(moe_layers[0])
+        check_moe_layers(self.model, self.adapter, self.path)
         for name, param in self.model.named_parameters():
             if layer_of(name) is None and param.is_meta:
                 raise MoeShrinkError(f"{self.path}: the checkpoint has no tensor for {name}: re-download it")
 
-    def as_loaded(self, tokenizer=None) -> LoadedModel:
-        """The skeleton model as :func:`~moeshrink.io.checkpoint.load_model` returns a loaded one."""
-        return LoadedModel(model=self.model, adapter=self.adapter, path=self.path, tokenizer=tokenizer)
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        dtype: str | torch.dtype = "auto",
+        *,
+        output: str | Path | None = None,
+        overwrite: bool = False,
+        count_zeros: bool = False,
+    ) -> StreamedLayers:
+        """Check the checkpoint (and output) and open it for streaming."""
+        path = resolve_checkpoint(path)
+        if output is not None:
+            check_output_dir(output, overwrite, source=path)
+        config, adapter = load_config(path)
+        return cls(path, config, adapter, ShardReader(path), dtype, output=output, count_zeros=count_zeros)
 
     def _load_state(self, state: dict[str, torch.Tensor], what: str) -> None:
         """Load ``state`` (on-disk keys) into the skeleton through transformers' conversions."""
@@ -235,8 +243,9 @@ class LayerStreamer:
                 f"(e.g. {bad[0]}): the config and weights disagree; re-download the checkpoint"
             )
 
-    def load(self, index: int, layer: nn.Module) -> None:
+    def load(self, index: int) -> None:
         """Read decoder layer ``index``'s tensors from the shards into the model."""
+        layer = self.layers[index]
         if index in self.loaded:
             return
         if index in self.released:
@@ -255,21 +264,30 @@ class LayerStreamer:
         self.loaded.add(index)
         self.max_loaded = max(self.max_loaded, len(self.loaded))
 
-    def release(self, index: int, layer: nn.Module) -> None:
-        """Write decoder layer ``index`` to the output (when there is one) and free its tensors."""
+    def release(self, index: int, *, write: bool) -> None:
+        """Done with decoder layer ``index``: with ``write`` it is final, so it is written to the output
+        (when there is one) and its zeros counted; either way its tensors are freed."""
         if index not in self.loaded:
             return
-        if self.count_zeros:
-            self.zero_counts += [
-                tensor_sparsity(self.prefixes[index] + n, p) for n, p in layer.named_parameters()
-            ]
-        if self.writer is not None:
-            state = {self.prefixes[index] + k: v for k, v in layer.state_dict().items()}
-            self.writer.write(self._on_disk(state))
+        layer = self.layers[index]
+        if write:
+            if self.zero_counts is not None:
+                self.zero_counts += [
+                    tensor_sparsity(self.prefixes[index] + n, p) for n, p in layer.named_parameters()
+                ]
+            if self.writer is not None:
+                state = {self.prefixes[index] + k: v for k, v in layer.state_dict().items()}
+                self.writer.write(self._on_disk(state))
+            self.released.add(index)
         _to_meta(layer)
         self.loaded.discard(index)
-        self.released.add(index)
         release_freed_memory()
+
+    def open_output(self, fused_experts: bool) -> None:
+        """Before the final pass: write the experts fused (per-layer counts, as export_checkpoint does)."""
+        if self.released:
+            raise RuntimeError("open_output() after layers were written")
+        self.fused_experts = fused_experts
 
     def _on_disk(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What ``save_pretrained`` writes for these tensors: tied copies dropped, conversions reverted
@@ -277,37 +295,34 @@ class LayerStreamer:
         ignore = getattr(self.model, "_keys_to_ignore_on_save", None) or []
         state = {k: v for k, v in state.items() if k not in ignore}
         state = remove_tied_weights_from_state_dict(state, self.model)
-        return state if self.keep_fused else revert_weight_conversion(self.model, state)
+        return state if self.fused_experts else revert_weight_conversion(self.model, state)
 
     def sparsity_report(self) -> SparsityReport:
         """Zeros of every parameter, as :func:`~moeshrink.sparsity.accounting.count_sparsity` counts them
-        on a whole model: the decoder layers' counted as each was released, the rest now."""
-        if not self.count_zeros:
-            raise RuntimeError("set count_zeros before the layers are released")
+        on a whole model: the decoder layers' counted as each was written, the rest now."""
+        if self.zero_counts is None:
+            raise RuntimeError("open the source with count_zeros=True to count zeros")
         self.release_all()
         rest = [tensor_sparsity(n, p) for n, p in self.model.named_parameters() if layer_of(n) is None]
         return SparsityReport(tuple(self.zero_counts + rest))
 
-    def reading(self) -> ReadOnlyLayers:
-        """Hooks for a statistics pass: each layer is read and then freed, nothing is written."""
-        return ReadOnlyLayers(self)
-
-    def free(self, index: int, layer: nn.Module) -> None:
-        """Free decoder layer ``index``'s tensors without writing it (it will be read again)."""
-        _to_meta(layer)
-        self.loaded.discard(index)
-        release_freed_memory()
-
     def release_all(self) -> None:
-        """Load, write and free every decoder layer the runner did not visit (e.g. after the last MoE layer)."""
-        for index, layer in enumerate(self.layers):
+        """Read, write and free every decoder layer the loop did not visit (e.g. after the last MoE layer)."""
+        for index in range(len(self.layers)):
             if index not in self.released:
-                self.load(index, layer)
-                self.release(index, layer)
+                self.load(index)
+                self.release(index, write=True)
 
-    def commit(self, plan: ModelPlan, *, tokenizer=None, model_card: str | None = None) -> Path:
-        """Write the rest of the checkpoint (as :func:`~moeshrink.io.export.export_checkpoint` does)
-        and rename it to the output directory."""
+    def commit(
+        self,
+        plan: ModelPlan,
+        *,
+        tokenizer=None,
+        model_card: str | None = None,
+        before_commit: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Write the rest of the checkpoint (as :func:`~moeshrink.io.export.export_checkpoint` does),
+        call ``before_commit`` on the finished temporary directory, and rename it to the output."""
         if self.writer is None or self.output is None:
             raise RuntimeError("commit() needs an output directory")
         try:
@@ -320,6 +335,8 @@ class LayerStreamer:
                 tokenizer=tokenizer,
                 model_card=model_card,
             )
+            if before_commit is not None:
+                before_commit(self.directory)
             replace_directory(self.directory, self.output)
         except BaseException:
             self._cleanup()
@@ -340,23 +357,10 @@ class LayerStreamer:
         self.writer.finish(self.model.num_parameters())
         config = self.model.config
         config.dtype = str(self.dtype).removeprefix("torch.")
-        config.architectures = [type(self.model).__name__]
+        config.architectures = serving_architectures(config, [type(self.model).__name__])
         config.save_pretrained(directory)
         if self.model.can_generate():
             self.model.generation_config.save_pretrained(directory)
-
-
-class ReadOnlyLayers:
-    """Layer hooks that read each decoder layer from the shards and free it after, writing nothing."""
-
-    def __init__(self, streamer: LayerStreamer):
-        self.streamer = streamer
-
-    def load(self, index: int, layer: nn.Module) -> None:
-        self.streamer.load(index, layer)
-
-    def release(self, index: int, layer: nn.Module) -> None:
-        self.streamer.free(index, layer)
 
 
 def release_freed_memory() -> None:

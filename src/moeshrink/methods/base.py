@@ -11,6 +11,7 @@ import torch
 from moeshrink.arch import MoELayer
 from moeshrink.engine.observers import COUNTS, LayerStats
 from moeshrink.methods.budget import allocate_global
+from moeshrink.methods.options import MethodOptions
 from moeshrink.plan import LayerPlan
 from moeshrink.surgery import apply_layer_plan
 
@@ -26,22 +27,31 @@ class LayerBudget:
 
 class ExpertMethod(ABC):
     """One expert-level method. ``needs`` names the statistics (see ``engine.observers``) it reads;
-    a method that needs none is planned without any forward pass."""
+    a method that needs none is planned without any forward pass.
+
+    A method declares its options once, as a nested ``class Options(MethodOptions)``; the validated
+    settings are ``self.settings`` (immutable: a changed setting is a new method, :meth:`with_options`)."""
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
     # Statistics of the unmodified model read by allocate_global (one pass before compression).
     global_needs: ClassVar[frozenset[str]] = frozenset({COUNTS})
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
 
     def __init__(self, seed: int = 0, **options: Any):
-        if options:
-            raise TypeError(f"method '{self.name}' takes no options {sorted(options)}")
         self.seed = seed
+        self.settings = self.Options.parse(self.name, options)
 
     @property
     def options(self) -> dict[str, Any]:
-        """The settings recorded in the plan."""
-        return {"seed": self.seed}
+        """The settings recorded in the plan: the seed, then the declared options."""
+        return {"seed": self.seed, **self.settings.recorded()}
+
+    def with_options(self, **changes: Any) -> ExpertMethod:
+        """A copy of this method with some options changed, validated like the user's (``self`` is left
+        as it was)."""
+        current = {name: getattr(self.settings, name) for name in type(self.settings).model_fields}
+        return type(self)(seed=self.seed, **(current | changes))
 
     @abstractmethod
     def plan_layer(self, layer: MoELayer, stats: LayerStats | None, budget: LayerBudget) -> LayerPlan:
@@ -49,10 +59,12 @@ class ExpertMethod(ABC):
 
     def allocate_global(
         self, layers: dict[int, MoELayer], stats: dict[int, LayerStats], total: int, minimum: int, groups: int
-    ) -> dict[int, int]:
-        """Experts kept per layer under a global budget of ``total``: by default shared out by usage
-        (:func:`moeshrink.methods.budget.allocate_global`); ``stats`` holds ``global_needs``."""
-        return allocate_global({i: s.counts for i, s in stats.items()}, total, minimum, groups)
+    ) -> tuple[dict[int, int], ExpertMethod]:
+        """Experts kept per layer under a global budget of ``total``, and the method to plan the layers
+        with: by default shared out by usage (:func:`moeshrink.methods.budget.allocate_global`) and
+        ``self``; ``stats`` holds ``global_needs``. A method that finds a setting here (STUN's shared
+        threshold) returns a copy carrying it, never changing ``self``."""
+        return allocate_global({i: s.counts for i, s in stats.items()}, total, minimum, groups), self
 
     def compress(self, layer: MoELayer, stats: LayerStats | None, budget: LayerBudget) -> LayerPlan:
         """Plan ``layer`` and apply the plan (a method that refines weights after surgery extends this)."""

@@ -9,8 +9,7 @@ agglomeration then never merges two clusters whose union would exceed it)."""
 
 from __future__ import annotations
 
-from typing import Any
-
+from pydantic import Field
 from scipy.cluster.hierarchy import cut_tree, linkage
 
 from moeshrink.arch import MoELayer
@@ -18,23 +17,18 @@ from moeshrink.engine.observers import COUNTS, MEAN_OUTPUTS, LayerStats
 from moeshrink.errors import MoeShrinkError
 from moeshrink.methods.base import LayerBudget
 from moeshrink.methods.clustering import capped_average_linkage, labels_to_clusters, per_group
-from moeshrink.methods.merging import MergeMethod
+from moeshrink.methods.merging import Align, MergeMethod
 
 
 class HCSMoE(MergeMethod):
     name = "hcsmoe"
     base_needs = frozenset({COUNTS, MEAN_OUTPUTS})
-    default_align = "none"
 
-    def __init__(self, max_cluster_size: int | None = None, **options: Any):
-        super().__init__(**options)
-        if max_cluster_size is not None and int(max_cluster_size) < 1:
-            raise MoeShrinkError(f"max_cluster_size must be at least 1, got {max_cluster_size}")
-        self.max_cluster_size = None if max_cluster_size is None else int(max_cluster_size)
+    class Options(MergeMethod.Options):
+        align: Align = "none"  # published without neuron alignment
+        max_cluster_size: int | None = Field(None, ge=1, description="null: no cap")
 
-    @property
-    def options(self) -> dict[str, Any]:
-        return super().options | {"max_cluster_size": self.max_cluster_size}
+    settings: Options
 
     def clusters(self, layer: MoELayer, stats: LayerStats, budget: LayerBudget) -> list[list[int]]:
         features = stats.mean_outputs().numpy()
@@ -42,9 +36,10 @@ class HCSMoE(MergeMethod):
         def cluster(experts: list[int], k: int) -> list[list[int]]:
             if k == len(experts):
                 return [[j] for j in experts]
-            if self.max_cluster_size is not None:
+            cap = self.settings.max_cluster_size
+            if cap is not None:
                 try:
-                    labels = capped_average_linkage(features[experts], k, self.max_cluster_size)
+                    labels = capped_average_linkage(features[experts], k, cap)
                 except ValueError as e:
                     raise MoeShrinkError(f"hcsmoe: {e}; raise max_cluster_size or keep more experts") from e
             else:

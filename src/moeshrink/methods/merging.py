@@ -20,74 +20,69 @@ budget in docs/quality.md) each merged expert's down projection is then re-fitte
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, field_validator
 
 from moeshrink.arch import MoELayer
 from moeshrink.arch.routing import sigmoid_probabilities
 from moeshrink.engine.observers import COUNTS, INPUTS, LOGITS, LayerStats
-from moeshrink.errors import MoeShrinkError
 from moeshrink.methods.base import ExpertMethod, LayerBudget
+from moeshrink.methods.options import MethodOptions
 from moeshrink.plan import LayerPlan, NewExpert
 from moeshrink.surgery import apply_layer_plan
 from moeshrink.surgery.align import align_to_anchor
 from moeshrink.surgery.reconstruct import cluster_targets, refit_down_projection
 
-ALIGN_CHOICES = ("weight", "activation", "none")
-ROUTER_CHOICES = ("average", "anchor", "logsumexp")
 MAX_ALIGN_TOKENS = 4096
+Align = Literal["weight", "activation", "none"]
+Router = Literal["average", "anchor", "logsumexp"]
 
 
 class MergeMethod(ExpertMethod):
     """Cluster the experts of a layer, then merge each cluster into one expert."""
 
     base_needs: frozenset[str] = frozenset({COUNTS})
-    default_align = "weight"
 
-    def __init__(
-        self,
-        seed: int = 0,
-        align: str | None = None,
-        router: str = "logsumexp",
-        reconstruct: bool = True,
-        ridge: float = 1e-2,
-        **options: Any,
-    ):
+    class Options(MethodOptions):
+        """What every merging method takes; ``align`` given as null means the method's default."""
+
+        align: Align = "weight"
+        router: Router = "logsumexp"
+        reconstruct: bool = True
+        ridge: float = Field(1e-2, ge=0, description="recorded only with reconstruct")
+
+        @field_validator("align", mode="before")
+        @classmethod
+        def _default_align(cls, value: Any) -> Any:
+            return cls.model_fields["align"].default if value in (None, "") else value
+
+        def omitted(self) -> set[str]:
+            return super().omitted() | (set() if self.reconstruct else {"ridge"})
+
+    settings: Options
+
+    def __init__(self, seed: int = 0, **options: Any):
         super().__init__(seed=seed, **options)
-        self.reconstruct, self.ridge = bool(reconstruct), float(ridge)
-        self.align = align or self.default_align
-        if self.align not in ALIGN_CHOICES:
-            raise MoeShrinkError(f"align must be one of {', '.join(ALIGN_CHOICES)}, got {self.align!r}")
-        if router not in ROUTER_CHOICES:
-            raise MoeShrinkError(f"router must be one of {', '.join(ROUTER_CHOICES)}, got {router!r}")
-        self.router = router
         needs = set(self.base_needs)
-        if self.align == "activation":
+        if self.settings.align == "activation":
             needs.add(INPUTS)
-        if router == "logsumexp":
+        if self.settings.router == "logsumexp":
             needs.add(LOGITS)
-        if self.reconstruct:
+        if self.settings.reconstruct:
             needs |= {INPUTS, LOGITS}
         self.needs = frozenset(needs)
-
-    @property
-    def options(self) -> dict[str, Any]:
-        options = {
-            "seed": self.seed,
-            "align": self.align,
-            "router": self.router,
-            "reconstruct": self.reconstruct,
-        }
-        return options | ({"ridge": self.ridge} if self.reconstruct else {})
 
     def compress(self, layer: MoELayer, stats: LayerStats | None, budget: LayerBudget) -> LayerPlan:
         """Merge, then (with ``reconstruct``) re-fit each merged expert's down projection by least squares."""
         plan = self.plan_layer(layer, stats, budget)
-        targets = cluster_targets(layer, plan, stats.inputs, stats.logits) if self.reconstruct else {}
+        targets = (
+            cluster_targets(layer, plan, stats.inputs, stats.logits) if self.settings.reconstruct else {}
+        )
         apply_layer_plan(layer, plan)
         for i, target in targets.items():
-            tensors = refit_down_projection(layer, i, stats.inputs, target, self.ridge)
+            tensors = refit_down_projection(layer, i, stats.inputs, target, self.settings.ridge)
             plan.experts[i].refit = sorted(tensors)
             plan.refit_tensors.update({f"{i}.{name}": t.cpu() for name, t in tensors.items()})
         return plan
@@ -120,9 +115,10 @@ class MergeMethod(ExpertMethod):
         mass = counts[members]
         weights = (mass / mass.sum() if mass.sum() > 0 else torch.full_like(mass, 1 / len(members))).tolist()
         permutations = None
-        if self.align != "none" and len(members) > 1:
-            hidden = stats.inputs[:MAX_ALIGN_TOKENS] if self.align == "activation" else None
-            perms = align_to_anchor(layer, anchor, members[1:], hidden=hidden, method=self.align)
+        align = self.settings.align
+        if align != "none" and len(members) > 1:
+            hidden = stats.inputs[:MAX_ALIGN_TOKENS] if align == "activation" else None
+            perms = align_to_anchor(layer, anchor, members[1:], hidden=hidden, method=align)
             permutations = [None] + [perms[m] for m in members[1:]]
         return NewExpert(
             sources=members,
@@ -136,9 +132,9 @@ class MergeMethod(ExpertMethod):
     ) -> list[float]:
         if len(members) == 1:
             return [1.0]
-        if self.router == "average":
+        if self.settings.router == "average":
             return weights
-        if self.router == "anchor":
+        if self.settings.router == "anchor":
             return [1.0] + [0.0] * (len(members) - 1)
         return logit_space_coefficients(layer, stats.logits, members)
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from typing import Any
 
 import torch
+from pydantic import Field
 
 from moeshrink.arch import MoELayer
 from moeshrink.engine.observers import INPUTS, LOGITS, LayerStats
-from moeshrink.errors import MoeShrinkError
 from moeshrink.methods.base import ExpertMethod, LayerBudget
+from moeshrink.methods.options import MethodOptions
 from moeshrink.plan import LayerPlan
 from moeshrink.surgery import set_top_k
 
@@ -85,15 +85,13 @@ class NAEEPruning(ExpertMethod):
     name = "naee"
     needs = frozenset({INPUTS, LOGITS})
 
-    def __init__(self, seed: int = 0, max_subsets: int = 20000, max_tokens: int = 2048, **options: Any):
-        super().__init__(seed=seed, **options)
-        if max_subsets < 1 or max_tokens < 1:
-            raise MoeShrinkError("naee: max_subsets and max_tokens must be positive integers")
-        self.max_subsets, self.max_tokens = int(max_subsets), int(max_tokens)
+    class Options(MethodOptions):
+        max_subsets: int = Field(
+            20000, ge=1, description="exhaustive search up to this many subsets, else greedy"
+        )
+        max_tokens: int = Field(2048, ge=1, description="calibration tokens the error is measured on")
 
-    @property
-    def options(self) -> dict[str, Any]:
-        return {"seed": self.seed, "max_subsets": self.max_subsets, "max_tokens": self.max_tokens}
+    settings: Options
 
     @torch.no_grad()
     def plan_layer(self, layer: MoELayer, stats: LayerStats | None, budget: LayerBudget) -> LayerPlan:
@@ -102,13 +100,13 @@ class NAEEPruning(ExpertMethod):
         device = layer.router.weight.device
         error = ReconstructionError(
             layer,
-            stats.inputs[: self.max_tokens].to(device, layer.router.weight.dtype),
-            stats.logits[: self.max_tokens],
+            stats.inputs[: self.settings.max_tokens].to(device, layer.router.weight.dtype),
+            stats.logits[: self.settings.max_tokens],
         )
         e, k = layer.num_experts, budget.keep
         size, per_group = e // budget.groups, k // budget.groups
         combos = math.comb(size, per_group) ** budget.groups
-        if combos <= self.max_subsets:
+        if combos <= self.settings.max_subsets:
             kept, best = self._exhaustive(error, e, budget.groups, per_group)
             search = "exhaustive"
         else:

@@ -27,10 +27,11 @@ with a global budget), however many experts there are.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 
@@ -39,10 +40,8 @@ from moeshrink.engine.observers import COACTIVATION, COUNTS, ROUTER, LayerStats
 from moeshrink.errors import MoeShrinkError
 from moeshrink.methods.base import LayerBudget
 from moeshrink.methods.clustering import per_group
-from moeshrink.methods.merging import MergeMethod
+from moeshrink.methods.merging import Align, MergeMethod, Router
 from moeshrink.plan import NewExpert
-
-MODES = ("representative", "average")
 
 
 def expert_distances(layer: MoELayer, stats: LayerStats | None, coactivation: float) -> np.ndarray:
@@ -87,31 +86,35 @@ class STUN(MergeMethod):
         {COUNTS, COACTIVATION, ROUTER}
     )  # router rows: the layers may be gone (streaming)
 
-    def __init__(
-        self,
-        seed: int = 0,
-        mode: str = "representative",
-        coactivation: float = -1.0,
-        reconstruct: bool = False,
-        align: str | None = None,
-        router: str = "anchor",
-        **options: Any,
-    ):
-        if mode not in MODES:
-            raise MoeShrinkError(f"stun mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if mode == "representative":
-            align = "none"  # nothing is averaged, so nothing to align
-        super().__init__(seed=seed, align=align, reconstruct=reconstruct, router=router, **options)
-        self.mode, self.coactivation = mode, float(coactivation)
-        self.threshold: float | None = None
+    class Options(MergeMethod.Options):
+        """STUN's defaults differ from the other merging methods' (see the module docstring)."""
 
-    @property
-    def options(self) -> dict[str, Any]:
-        extra = {"mode": self.mode, "coactivation": self.coactivation}
-        return super().options | extra | ({"threshold": self.threshold} if self.threshold is not None else {})
+        align: Align = Field("weight", description="none in representative mode: nothing is averaged")
+        router: Router = "anchor"
+        reconstruct: bool = False
+        mode: Literal["representative", "average"] = "representative"
+        coactivation: float = -1.0
+        threshold: float | None = Field(None, description="found under a global budget")
+
+        found: ClassVar[frozenset[str]] = frozenset({"threshold"})
+
+        @model_validator(mode="before")
+        @classmethod
+        def _representative_aligns_nothing(cls, data: Any) -> Any:
+            if (
+                isinstance(data, dict)
+                and data.get("mode", cls.model_fields["mode"].default) == "representative"
+            ):
+                return data | {"align": "none"}  # nothing is averaged, so nothing to align
+            return data
+
+        def omitted(self) -> set[str]:
+            return super().omitted() | ({"threshold"} if self.threshold is None else set())
+
+    settings: Options
 
     def clusters(self, layer: MoELayer, stats: LayerStats, budget: LayerBudget) -> list[list[int]]:
-        distances = expert_distances(layer, stats, self.coactivation)
+        distances = expert_distances(layer, stats, self.settings.coactivation)
 
         def cluster(experts: list[int], k: int) -> list[list[int]]:
             if k >= len(experts):
@@ -123,9 +126,10 @@ class STUN(MergeMethod):
 
     def allocate_global(
         self, layers: dict[int, MoELayer], stats: dict[int, LayerStats], total: int, minimum: int, groups: int
-    ) -> dict[int, int]:
+    ) -> tuple[dict[int, int], STUN]:
         """One complete-linkage threshold for every layer: take the lowest merges of all layers until
-        ``total`` experts remain, leaving each layer at least ``minimum``."""
+        ``total`` experts remain, leaving each layer at least ``minimum``. Returns the counts and a copy
+        of this method recording that threshold (``self`` is unchanged)."""
         if groups > 1:
             raise MoeShrinkError(
                 "stun with a global budget cuts each layer at one shared threshold, which cannot keep whole "
@@ -139,17 +143,16 @@ class STUN(MergeMethod):
             )
         candidates = []
         for i, layer in layers.items():
-            heights = complete_linkage(expert_distances(layer, stats[i], self.coactivation))[:, 2]
+            heights = complete_linkage(expert_distances(layer, stats[i], self.settings.coactivation))[:, 2]
             candidates += [(float(h), i, step) for step, h in enumerate(heights[: counts[i] - minimum])]
         candidates.sort()
         taken = candidates[: sum(counts.values()) - total]
         for _, i, _ in taken:
             counts[i] -= 1
-        self.threshold = taken[-1][0] if taken else None
-        return counts
+        return counts, self.with_options(threshold=taken[-1][0] if taken else None)
 
     def merge(self, layer: MoELayer, stats: LayerStats, cluster: list[int]) -> NewExpert:
-        if self.mode == "average" or len(cluster) == 1:
+        if self.settings.mode == "average" or len(cluster) == 1:
             return super().merge(layer, stats, cluster)
         squared = torch.zeros(len(cluster), dtype=torch.float64)
         for spec in layer.expert_tensors:

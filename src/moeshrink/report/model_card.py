@@ -77,6 +77,7 @@ def model_card(
         "",
         _serving_note(plan, after),
         "",
+        *_verification_lines(plan),
         f"Versions: {', '.join(f'{k} {v}' for k, v in plan.versions.items())}.",
         "",
     ]
@@ -93,9 +94,9 @@ def _serving_note(plan: ModelPlan, after: ModelInfo) -> str:
             "SGLang build one expert count for every layer and cannot load it; prune with a uniform budget to serve."
         )
     note = (
-        f"The checkpoint is a standard {family} checkpoint with one expert count for every layer, so vLLM and "
-        "SGLang serve it as they serve the original (`vllm serve DIR`). A pruned expert count may have no tuned "
-        "fused-MoE kernel configuration in vLLM, which then logs 'Using default MoE config'."
+        f"The checkpoint is a standard {family} checkpoint with one expert count for every layer (what vLLM "
+        "and SGLang build; the verification below says what was actually loaded and compared). A pruned expert "
+        "count may have no tuned fused-MoE kernel configuration in vLLM, which then logs 'Using default MoE config'."
     )
     if any(lp.top_k is not None for lp in plan.layers):
         note += (
@@ -111,3 +112,21 @@ def _serving_note(plan: ModelPlan, after: ModelInfo) -> str:
             "and `moeshrink eval DIR` route by (pass `exact_router=False` for the folded rows)."
         )
     return note
+
+
+def _verification_lines(plan: ModelPlan) -> list[str]:
+    """What was verified where (``moeshrink.verify``), or that nothing was."""
+    if not plan.verification:
+        return ["Not verified after export (`moeshrink verify DIR` checks it in transformers and vLLM).", ""]
+    lines = [
+        "## Verification",
+        "",
+        "| check | result | max abs. difference of log-probs | versions |",
+        "|---|---|---|---|",
+    ]
+    for name, check in plan.verification.items():
+        diff = check.get("max_abs_diff")
+        shown = "" if diff is None else f"{diff:.1e} (tolerance {check.get('tolerance'):g})"
+        versions = ", ".join(f"{k} {v}" for k, v in (check.get("versions") or {}).items())
+        lines.append(f"| {name} | {check['status']}: {check['detail']} | {shown} | {versions} |")
+    return [*lines, ""]

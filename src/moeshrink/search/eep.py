@@ -42,8 +42,9 @@ from moeshrink.engine.observers import COUNTS
 from moeshrink.engine.runner import collect_layer_stats
 from moeshrink.errors import MoeShrinkError
 from moeshrink.info import describe_model
-from moeshrink.io.checkpoint import checkpoint_fingerprint, load_config, load_model, resolve_checkpoint
-from moeshrink.io.export import check_output_dir, export_checkpoint
+from moeshrink.io.checkpoint import checkpoint_fingerprint, load_model
+from moeshrink.io.export import export_checkpoint
+from moeshrink.job import open_checkpoint, source_info, versions
 from moeshrink.methods import get_method
 from moeshrink.methods.base import ScorePruning, top_scores
 from moeshrink.methods.merging import logit_space_coefficients
@@ -625,10 +626,7 @@ def search(
     ``exact_router`` the export also carries the exact router transfer
     (:mod:`moeshrink.surgery.router_transfer`), which ``moeshrink.load_model`` and ``moeshrink eval``
     route by; the standard weights keep the folded router for transformers and vLLM."""
-    if output is not None:
-        check_output_dir(output, overwrite, source=model)
-    path = resolve_checkpoint(model)
-    config, adapter = load_config(path)
+    path, config, adapter = open_checkpoint(model, output, overwrite)
     _check_family(config, adapter)
     num_experts = adapter.num_experts(config)
     top_k = int(top_k or config.num_experts_per_tok)
@@ -699,13 +697,7 @@ def search(
 
     t = time.perf_counter()
     best, best_prune = state.best, state.best_prune
-    source = {
-        "path": str(path.resolve()),
-        "model_type": adapter.model_type,
-        "num_experts": num_experts,
-        "top_k": int(config.num_experts_per_tok),
-        "fingerprint": identity["fingerprint"],
-    }
+    source = source_info(path, adapter, config)
 
     def plan_of(candidate: Candidate, label: str) -> tuple[dict[int, torch.Tensor], ModelPlan]:
         coefficients, layer_plans = fold_router(candidate, fitness, top_k)
@@ -722,7 +714,7 @@ def search(
             top_k=top_k,
             source=source,
             calibration=data.info | {"processes": distributed.world_size()},
-            versions=_versions(),
+            versions=versions(),
             layers=layer_plans,
         )
 
@@ -770,9 +762,3 @@ def search(
 def _budgetless(settings: dict[str, Any]) -> dict[str, Any]:
     """Settings that must match for a state to resume (only the time budget may change)."""
     return {k: v for k, v in settings.items() if k != "time_budget"}
-
-
-def _versions() -> dict[str, str]:
-    from moeshrink.pipeline import versions
-
-    return versions()

@@ -4,7 +4,8 @@ New expert i receives the routing probability ``sum_j T_ij p_j(x)`` of the origi
 standard router (a linear map then the family's scoring rule) computes that when a row of T mixes
 experts, so a merged checkpoint normally carries a least-squares fold of T into ordinary router rows
 (what transformers and vLLM load). For when that approximation matters, the exact transfer can be
-saved beside the checkpoint in TRANSFER_FILENAME, a documented per-layer format:
+saved in the checkpoint folder as TRANSFER_FILENAME (a subfolder, so that serving engines that load
+every top-level ``*.safetensors`` file never see it), a documented per-layer format:
 
 * ``"{layer}.router.{name}"`` — the original router's tensors (``weight [E, H]``, and ``bias`` when
   the family's router has one), and
@@ -26,7 +27,10 @@ from moeshrink.arch import FamilyAdapter, MoELayer
 from moeshrink.arch.routing import sigmoid_probabilities
 from moeshrink.surgery.router import RouteFn, install_router, set_router_expert_count
 
-TRANSFER_FILENAME = "moeshrink_router_transfer.safetensors"
+TRANSFER_FILENAME = "moeshrink_extras/router_transfer.safetensors"  # beside the weights, not among them
+LEGACY_TRANSFER_FILENAME = (
+    "moeshrink_router_transfer.safetensors"  # the top-level name before 0.2; still read
+)
 
 
 def one_hot_rows(matrix: torch.Tensor) -> list[int] | None:

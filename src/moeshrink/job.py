@@ -1,0 +1,647 @@
+"""One job description, built alike by the ``moeshrink`` command, YAML recipes and the Python API.
+
+A job is its run settings plus an ordered list of steps (``experts``, ``top_k``, ``sparsify``, and
+``stun`` as shorthand for STUN's two phases). The flat fields ``prune()`` and the command take
+(``method``, ``keep``, ``ratio``, ``top_k``, ``sparsity``, ...) are a shorthand for the same steps;
+given with a recipe that has steps, they override the matching step.
+
+```yaml
+model: path/to/checkpoint
+output: runs/pruned
+calib: [data/task.jsonl]
+samples: 128
+seq_len: 512
+steps:
+  - experts: {method: reap, keep: 8}
+  - top_k: 1
+  - sparsify: {sparsity: 0.5, method: wanda}
+```
+
+:meth:`Job.check` validates the whole job against the weightless (meta) model — family, budget,
+method options, sparsity, output directory, shards, free disk, calibration files — before any
+weight is read or any text is tokenised; :meth:`Job.run` then does the work.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
+
+import moeshrink
+from moeshrink.arch import FamilyAdapter, GroupedFamilyAdapter
+from moeshrink.engine import distributed
+from moeshrink.engine.data import build_calibration, check_calibration_files
+from moeshrink.engine.offload import ResidentLayers
+from moeshrink.engine.runner import run_steps
+from moeshrink.engine.steps import ExpertsStep, LayerStep, SparsifyStep, TopKStep
+from moeshrink.errors import MoeShrinkError
+from moeshrink.info import ModelInfo, describe_model, meta_model
+from moeshrink.io.checkpoint import (
+    TOKENIZER_FILES,
+    checkpoint_fingerprint,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_checkpoint,
+)
+from moeshrink.io.export import check_output_dir, export_checkpoint
+from moeshrink.io.streaming import (
+    ShardReader,
+    StreamedLayers,
+    check_free_disk,
+    choose_streaming,
+    estimate_output_bytes,
+)
+from moeshrink.methods import ExpertMethod, get_method
+from moeshrink.plan import LayerPlan, ModelPlan
+from moeshrink.report.model_card import model_card
+from moeshrink.sparsity.accounting import SparsityReport, count_sparsity
+from moeshrink.sparsity.layer import SparsitySpec, inside_sparsity, parse_scope, scoped_parameter_names
+from moeshrink.sparsity.masks import validate_sparsity
+from moeshrink.surgery import update_config
+from moeshrink.verify import verify_before_commit
+
+
+class ExpertsSpec(BaseModel):
+    """An expert-level method and its budget: ``keep`` experts per layer or ``ratio`` removed;
+    ``global_budget`` shares that total out over the layers by usage."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    keep: int | None = None
+    ratio: float | None = None
+    options: dict[str, Any] = {}
+    global_budget: bool = False
+
+
+class SparsifySpec(BaseModel):
+    """Zeros inside the experts (and, by ``scope``, attention / dense linears): a fraction
+    ``sparsity``, an ``nm`` pattern, or a ``total_sparsity`` counting the removed experts."""
+
+    model_config = ConfigDict(extra="forbid")
+    sparsity: float | None = None
+    total_sparsity: float | None = None
+    method: str = "wanda"
+    nm: str | None = None
+    scope: str | list[str] | None = None
+
+
+class StunSpec(BaseModel):
+    """STUN in one step: expert pruning (phase 1) then Wanda/OWL up to a total sparsity (phase 2)."""
+
+    model_config = ConfigDict(extra="forbid")
+    expert_ratio: float
+    total_sparsity: float | None = None
+    sparsity_method: str = "wanda"
+    options: dict[str, Any] = {}
+
+
+class Step(BaseModel):
+    """One step of a recipe: exactly one of its fields is set."""
+
+    model_config = ConfigDict(extra="forbid")
+    experts: ExpertsSpec | None = None
+    top_k: int | None = Field(None, ge=1)
+    sparsify: SparsifySpec | None = None
+    stun: StunSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Step:
+        if sum(v is not None for v in (self.experts, self.top_k, self.sparsify, self.stun)) != 1:
+            raise ValueError("each step has exactly one kind: 'experts', 'top_k', 'sparsify' or 'stun'")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("experts", "top_k", "sparsify", "stun") if getattr(self, k) is not None)
+
+
+# The flat shorthand: field -> (step kind, field of that step).
+SHORTHAND = {
+    "method": ("experts", "method"),
+    "keep": ("experts", "keep"),
+    "ratio": ("experts", "ratio"),
+    "method_options": ("experts", "options"),
+    "global_budget": ("experts", "global_budget"),
+    "top_k": ("top_k", None),
+    "sparsity": ("sparsify", "sparsity"),
+    "total_sparsity": ("sparsify", "total_sparsity"),
+    "sparsity_method": ("sparsify", "method"),
+    "nm": ("sparsify", "nm"),
+    "sparsity_scope": ("sparsify", "scope"),
+}
+# Shorthand fields that alone make a step (the others only qualify one).
+MAKES_STEP = {"method", "top_k", "sparsity", "total_sparsity", "nm"}
+
+
+def _fold_shorthand(data: dict[str, Any]) -> dict[str, Any]:
+    """Turn the flat shorthand fields into steps (or overrides of the recipe's steps); expand ``stun``."""
+    data = dict(data)
+    steps: list[dict[str, Any]] = []
+    for step in data.pop("steps", None) or []:
+        step = step.model_dump(exclude_none=True) if isinstance(step, Step) else dict(step)
+        stun = step.get("stun")
+        if isinstance(stun, dict):
+            steps.append(
+                {"experts": {"method": "stun", "ratio": stun.get("expert_ratio"), **_only(stun, "options")}}
+            )
+            if stun.get("total_sparsity") is not None:
+                sparsify = {
+                    "total_sparsity": stun["total_sparsity"],
+                    "method": stun.get("sparsity_method", "wanda"),
+                }
+                steps.append({"sparsify": sparsify})
+            continue
+        steps.append(step)
+    given = {k: data.pop(k) for k in list(data) if k in SHORTHAND}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given.get("sparsity") == 0:
+        given.pop("sparsity")
+    for kind in ("experts", "top_k", "sparsify"):
+        fields = {SHORTHAND[k][1]: v for k, v in given.items() if SHORTHAND[k][0] == kind}
+        if not fields:
+            continue
+        existing = next((s for s in steps if kind in s), None)
+        if kind == "top_k":
+            if existing is not None:
+                existing["top_k"] = fields[None]
+            else:
+                steps.append({"top_k": fields[None]})
+            continue
+        if existing is None:
+            if not MAKES_STEP & {k for k in given if SHORTHAND[k][0] == kind}:
+                continue
+            existing = {kind: {}}
+            steps.insert(0, existing) if kind == "experts" else steps.append(existing)
+        body = existing[kind] = dict(existing[kind])
+        if kind == "experts" and ("keep" in fields or "ratio" in fields):
+            body.pop("keep", None), body.pop("ratio", None)
+        body.update(fields)
+    if steps:
+        data["steps"] = steps
+    return data
+
+
+def _only(d: dict, key: str) -> dict:
+    return {key: d[key]} if key in d else {}
+
+
+class Job(BaseModel):
+    """Everything one ``moeshrink prune`` does (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | Path | None = None
+    output: str | Path | None = None
+    steps: list[Step] = []
+    calib: list[str | Path] | str | Path | None = None
+    calib_field: str = "text"
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"
+    batch_size: int = Field(8, ge=1)
+    error_propagation: bool = True
+    stream: bool | None = None
+    offload_hidden: str | Path | None = None
+    overwrite: bool = False
+    # Verify the output in a fresh process before it is committed (moeshrink.verify).
+    verify: bool = Field(default_factory=lambda: verify_by_default())
+    progress: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return _fold_shorthand(data) if isinstance(data, dict) else data
+
+    @classmethod
+    def build(cls, **fields: Any) -> Job:
+        """A job from keyword fields (the shorthand included), or a one-line error."""
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as e:
+            raise MoeShrinkError(validation_message(e, "job")) from e
+
+    def updated(self, **fields: Any) -> Job:
+        """This job with some fields (shorthand included) given again, e.g. command-line overrides."""
+        current = self.model_dump(exclude_unset=True)
+        current["steps"] = [s.model_dump(exclude_none=True) for s in self.steps]
+        return Job.build(**(current | {k: v for k, v in fields.items() if v is not None}))
+
+    def step_of(self, kind: str) -> Any:
+        found = [getattr(s, kind) for s in self.steps if s.kind == kind]
+        if len(found) > 1:
+            raise MoeShrinkError(
+                f"only one '{kind}' step per job: the plan records one of each per layer; merge them into one"
+            )
+        return found[0] if found else None
+
+    def check(self) -> CheckedJob:
+        """Validate everything against the weightless model; nothing is loaded or tokenised."""
+        return check_job(self)
+
+    def run(self) -> PruneResult:
+        """Validate, then load -> calibrate -> run the steps -> export."""
+        return self.check().run()
+
+
+def verify_by_default() -> bool:
+    """Jobs verify their output unless ``MOESHRINK_VERIFY=0`` (the test suite sets it: a fresh process
+    per prune would multiply its run time; the verification tests turn it back on)."""
+    return os.environ.get("MOESHRINK_VERIFY", "1") != "0"
+
+
+def validation_message(error: ValidationError, what: str) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or what
+    return f"{where}: {first['msg']}"
+
+
+def load_recipe(path: str | Path) -> Job:
+    """A job from a YAML recipe file, or a one-line error naming the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoeShrinkError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return Job.model_validate(data)
+    except yaml.YAMLError as e:
+        raise MoeShrinkError(f"{path}: not valid YAML: {e}") from e
+    except ValidationError as e:
+        raise MoeShrinkError(f"{path}: {validation_message(e, 'recipe')}") from e
+
+
+@dataclass
+class PruneResult:
+    """The compressed model in memory, its plan, and what it cost."""
+
+    plan: ModelPlan
+    model: nn.Module
+    tokenizer: Any
+    before: ModelInfo
+    after: ModelInfo
+    output: Path | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    sparsity: SparsityReport | None = None
+
+
+def resolve_keep(num_experts: int, keep: int | None, ratio: float | None) -> int:
+    """Experts kept per layer from ``keep`` (a count) or ``ratio`` (the fraction removed)."""
+    if (keep is None) == (ratio is None):
+        raise MoeShrinkError(
+            "give exactly one budget: --keep K (experts kept per layer) or --ratio R (fraction removed)"
+        )
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise MoeShrinkError(
+                f"--ratio is the fraction of experts removed and must be in (0, 1), got {ratio}"
+            )
+        keep = max(1, round(num_experts * (1 - ratio)))
+    if keep < 1:
+        raise MoeShrinkError(f"--keep must be at least 1, got {keep}")
+    return int(keep)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "moeshrink": moeshrink.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def source_info(path: Path, adapter: FamilyAdapter, config) -> dict[str, Any]:
+    """What the plan records of the checkpoint it was made from."""
+    return {
+        "path": str(path.resolve()),
+        "model_type": adapter.model_type,
+        "num_experts": adapter.num_experts(config),
+        "top_k": int(config.num_experts_per_tok),
+        "fingerprint": checkpoint_fingerprint(path),
+    }
+
+
+def check_device(device: str) -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MoeShrinkError(f"--device {device} asked but no CUDA device is available: use --device cpu")
+    return device
+
+
+def open_checkpoint(model: str | Path | None, output: str | Path | None, overwrite: bool):
+    """The output checked first (never inside, around or equal to the input), then the checkpoint's
+    directory, config and family adapter: the start of every job (prune, apply, search)."""
+    if model is None:
+        raise MoeShrinkError("no model given: moeshrink prune MODEL ... (or 'model:' in the recipe)")
+    path = resolve_checkpoint(model)
+    if output is not None:
+        check_output_dir(output, overwrite, source=path)
+    config, adapter = load_config(path)
+    return path, config, adapter
+
+
+def sparsify_spec(s: SparsifySpec) -> SparsitySpec:
+    """The sparsity of a step (with a total budget the fraction inside is resolved later)."""
+    if s.total_sparsity is not None:
+        if s.sparsity is not None or s.nm:
+            raise MoeShrinkError("give either --total-sparsity or --sparsity / --nm, not both")
+        validate_sparsity(s.total_sparsity, "total sparsity")
+        return SparsitySpec(0.0, s.method, scope=parse_scope(s.scope))
+    spec = SparsitySpec.parse(s.sparsity, s.method, s.nm, s.scope)
+    if spec is None:
+        raise MoeShrinkError("a sparsify step needs sparsity, total_sparsity or nm")
+    return spec
+
+
+@dataclass
+class CheckedJob:
+    """A job whose every input has been checked: what :meth:`run` needs, nothing loaded yet."""
+
+    job: Job
+    path: Path
+    config: Any
+    adapter: FamilyAdapter
+    reader: ShardReader
+    method: ExpertMethod
+    steps: list[LayerStep]
+    keep: int
+    ratio: float | None
+    top_k: int
+    global_budget: bool
+    stream: bool
+    device: str
+    calib_paths: list[str | Path] | None
+
+    def run(self) -> PruneResult:
+        """Load -> calibrate -> run the steps -> update the config -> export."""
+        job, adapter, timings = self.job, self.adapter, {}
+        start = time.perf_counter()
+        if distributed.launched_distributed():
+            self.device = str(distributed.init_distributed(self.device))
+        tokenizer = load_tokenizer(self.path)
+        calibration = None
+        if self.calib_paths is not None:
+            calibration = build_calibration(
+                tokenizer, self.calib_paths, job.samples, job.seq_len, job.seed, job.calib_field
+            )
+        timings["prepare"] = time.perf_counter() - start
+        t = time.perf_counter()
+        sparsifies = any(isinstance(s, SparsifyStep) for s in self.steps)
+        if self.stream:
+            source = StreamedLayers(
+                self.path,
+                self.config,
+                adapter,
+                self.reader,
+                job.dtype,
+                output=job.output,
+                count_zeros=sparsifies,
+            )
+        else:
+            source = ResidentLayers(load_model(self.path, job.dtype, tokenizer, self.device).model, adapter)
+        timings["load"] = time.perf_counter() - t
+        before = describe_model(source.model, adapter)
+
+        t = time.perf_counter()
+        input_ids = distributed.shard(calibration.input_ids) if calibration else None
+        steps, records = run_steps(
+            source,
+            self.steps,
+            input_ids,
+            device=self.device,
+            batch_size=job.batch_size,
+            error_propagation=job.error_propagation,
+            progress=job.progress and distributed.rank() == 0,
+            offload_hidden=job.offload_hidden,
+        )
+        plan = self._plan(steps, records, calibration)
+        update_config(
+            source.model, adapter, {lp.layer: lp.num_experts_after for lp in plan.layers}, self.top_k
+        )
+        timings["compress"] = time.perf_counter() - t
+
+        after = describe_model(source.model, adapter)
+        result = PruneResult(plan=plan, model=source.model, tokenizer=tokenizer, before=before, after=after)
+        if sparsifies:
+            result.sparsity = source.sparsity_report() if self.stream else count_sparsity(source.model)
+            self._total_achieved(plan, result.sparsity, steps, source.model)
+        if job.output is not None:
+            t = time.perf_counter()
+            if distributed.rank() == 0:  # every rank holds the same compressed model; one writes it
+                name = Path(job.output).name
+
+                def card(plan: ModelPlan) -> str:
+                    return model_card(plan, before, after, name, result.sparsity)
+
+                # a streamed model is a skeleton: the fresh-process load is checked, not compared
+                reference = None if self.stream else source.model
+                verify = (
+                    verify_before_commit(plan, card, reference, progress=job.progress) if job.verify else None
+                )
+                if self.stream:
+                    source.commit(plan, tokenizer=tokenizer, model_card=card(plan), before_commit=verify)
+                else:
+                    export_checkpoint(
+                        source.model,
+                        adapter,
+                        plan,
+                        job.output,
+                        source=self.path,
+                        tokenizer=tokenizer,
+                        model_card=card(plan),
+                        overwrite=job.overwrite,
+                        before_commit=verify,
+                    )
+            distributed.barrier()
+            result.output = Path(job.output)
+            timings["export"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - start
+        result.seconds = timings
+        return result
+
+    def _plan(self, steps: list[LayerStep], records: list[dict[int, Any]], calibration) -> ModelPlan:
+        """The plan: the experts step's layer plans with each layer's sparsity attached."""
+        by_kind = {s.kind: (s, done) for s, done in zip(steps, records, strict=True)}
+        experts, planned = by_kind["experts"]
+        layer_plans: list[LayerPlan] = list(planned.values())
+        sparsify, sparsified = by_kind.get("sparsify", (None, {}))
+        summary = None
+        if sparsify is not None:
+            done = dict(sparsified)
+            for lp in layer_plans:
+                lp.sparsity = done.pop(lp.layer, None)
+            summary = sparsify.spec.to_dict() | (sparsify.accounting or {})
+            if done:  # decoder layers without routed experts that were sparsified too
+                summary["dense_layers"] = {str(i): d for i, d in sorted(done.items())}
+        budget = {"keep": self.keep} | ({"ratio": self.ratio} if self.ratio is not None else {})
+        if self.global_budget:
+            budget |= {
+                "scope": "global",
+                "total": sum(experts.per_layer.values()),
+                "per_layer": experts.per_layer,
+            }
+        return ModelPlan(
+            method=experts.method.name,
+            method_options=experts.method.options,
+            budget=budget,
+            top_k=self.top_k,
+            source=source_info(self.path, self.adapter, self.config),
+            calibration=calibration.info
+            | {"error_propagation": self.job.error_propagation, "processes": distributed.world_size()}
+            if calibration
+            else None,
+            sparsity=summary,
+            versions=versions(),
+            layers=layer_plans,
+        )
+
+    def _total_achieved(
+        self, plan: ModelPlan, report: SparsityReport, steps: list[LayerStep], model: nn.Module
+    ) -> None:
+        """With a total budget: the fraction of the original in-scope weights now gone, counted."""
+        sparsify = next(s for s in steps if isinstance(s, SparsifyStep))
+        if sparsify.total is None:
+            return
+        in_scope = scoped_parameter_names(model, self.adapter, sparsify.spec.scope)
+        remaining = sum(t.total - t.zeros for t in report.tensors if t.name in in_scope)
+        plan.sparsity["total_sparsity_achieved"] = 1 - remaining / sparsify.accounting["scope_weights"]
+
+
+def check_job(job: Job) -> CheckedJob:
+    """Every check of a job, in the order a user fixes them; nothing is loaded or tokenised."""
+    path, config, adapter = open_checkpoint(job.model, job.output, job.overwrite)
+    num_experts = adapter.num_experts(config)
+    experts_spec = job.step_of("experts")
+    top_k_given = job.step_of("top_k")
+    sparsify_given = job.step_of("sparsify")
+    if experts_spec is None:
+        raise MoeShrinkError("no method given: pass --method NAME (or 'method:' in the recipe)")
+    method = get_method(experts_spec.method, seed=job.seed, **experts_spec.options)
+    top_k = int(top_k_given if top_k_given is not None else config.num_experts_per_tok)
+    if method.name == "none":
+        if experts_spec.keep is not None or experts_spec.ratio is not None:
+            raise MoeShrinkError("method 'none' keeps every expert: drop --keep / --ratio")
+        keep = num_experts
+        adapter.check_top_k(config, top_k, keep)
+    else:
+        keep = resolve_keep(num_experts, experts_spec.keep, experts_spec.ratio)
+        adapter.check_budget(config, keep, top_k)
+    spec = sparsify_spec(sparsify_given) if sparsify_given is not None else None
+    if method.name == "none" and spec is None and top_k == int(config.num_experts_per_tok):
+        raise MoeShrinkError("method 'none' with no --sparsity, --nm or --top-k change would change nothing")
+    device = check_device(job.device)
+    if experts_spec.global_budget and method.name == "none":
+        raise MoeShrinkError(
+            "a global budget shares out the experts kept: it needs a method other than 'none'"
+        )
+    skeleton = meta_model(config, adapter)
+    moe_layers = [layer.index for layer in adapter.moe_layers(skeleton)]
+    if sparsify_given is not None and sparsify_given.total_sparsity is not None:
+        kinds = [s.kind for s in job.steps]
+        if kinds.index("sparsify") < kinds.index("experts"):
+            raise MoeShrinkError(
+                "a total sparsity counts the experts removed: put the sparsify step after the experts step"
+            )
+        # fails here, before anything is loaded, if removing experts alone takes more
+        uniform = dict.fromkeys(range(int(config.num_hidden_layers)), keep)
+        inside_sparsity(skeleton, adapter, spec.scope, uniform, sparsify_given.total_sparsity)
+    wants_data = spec is not None and spec.uses_wanda
+    calib_paths = None
+    if method.needs or wants_data or experts_spec.global_budget:
+        calib_paths = _check_calibration(job, method, experts_spec.global_budget, path)
+    reader = ShardReader(path)  # every shard present and complete, before anything is written
+    if job.output is not None:
+        check_free_disk(job.output, estimate_output_bytes(reader, adapter, config, keep))
+    stream = choose_streaming(
+        job.stream,
+        reader,
+        job.output,
+        {"OWL": spec is not None and spec.method == "owl", "torchrun": distributed.world_size() > 1},
+    )
+    if stream and experts_spec.global_budget and job.steps[0].kind != "experts":
+        raise MoeShrinkError(
+            "--stream measures a global budget on the unchanged model before anything is written: make the "
+            "experts step the first step, or run without --stream"
+        )
+    groups = GroupedFamilyAdapter.num_groups(config) if isinstance(adapter, GroupedFamilyAdapter) else 1
+    steps: list[LayerStep] = []
+    for s in job.steps:
+        if s.kind == "experts":
+            steps.append(
+                ExpertsStep(
+                    method=method,
+                    per_layer=dict.fromkeys(moe_layers, keep),
+                    top_k=top_k,
+                    groups=groups,
+                    global_total=keep * len(moe_layers) if experts_spec.global_budget else None,
+                    global_minimum=max(top_k, 2 * groups if groups > 1 else top_k),
+                )
+            )
+        elif s.kind == "top_k":
+            steps.append(TopKStep(top_k))
+        else:
+            steps.append(SparsifyStep(spec, total=sparsify_given.total_sparsity))
+    return CheckedJob(
+        job=job,
+        path=path,
+        config=config,
+        adapter=adapter,
+        reader=reader,
+        method=method,
+        steps=steps,
+        keep=keep,
+        ratio=experts_spec.ratio,
+        top_k=top_k,
+        global_budget=experts_spec.global_budget,
+        stream=stream,
+        device=device,
+        calib_paths=calib_paths,
+    )
+
+
+def _check_calibration(job: Job, method: ExpertMethod, global_budget: bool, path: Path) -> list[str | Path]:
+    """The calibration files, checked to exist; the tokenizer, checked to be there."""
+    if not job.calib:
+        raise MoeShrinkError(
+            f"method '{method.name}'{' with a global budget' if global_budget else ''} needs calibration "
+            "text: pass --calib FILE"
+        )
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise MoeShrinkError(f"{path} has no tokenizer files; calibration needs the model's tokenizer")
+    paths = [job.calib] if isinstance(job.calib, (str, Path)) else list(job.calib)
+    check_calibration_files(paths)
+    return paths
+
+
+def prune_job(model: str | Path | None = None, method: str | None = None, **fields: Any) -> Job:
+    """The job ``moeshrink.prune(model, method, **fields)`` runs."""
+    return Job.build(model=model, method=method, **fields)
+
+
+__all__ = [
+    "CheckedJob",
+    "ExpertsSpec",
+    "Job",
+    "PruneResult",
+    "SparsifySpec",
+    "Step",
+    "StunSpec",
+    "check_job",
+    "load_recipe",
+    "open_checkpoint",
+    "prune_job",
+    "resolve_keep",
+    "source_info",
+    "versions",
+]

@@ -1,0 +1,104 @@
+"""Run one verification check in a fresh process: ``python -m moeshrink.verify.worker KIND DIR IN OUT``.
+
+KIND ``transformers`` loads DIR with plain ``AutoModelForCausalLM.from_pretrained`` (moeshrink's own
+loader for its per-layer formats, which plain transformers cannot build) and records the loading
+report and the log-probabilities of the input tokens; KIND ``vllm`` loads DIR with ``vllm.LLM`` and
+records vLLM's prompt log-probabilities of the same tokens and a short greedy generation. Both run
+in float32 (the weights upcast exactly), so a difference is the export's or the kernels', not
+rounding in half precision. IN holds
+``{"input_ids": [[...], ...]}``; OUT receives the result as JSON. A fresh process is what a user
+gets: nothing of the process that wrote the checkpoint (patched modules, cached state) leaks in.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+GENERATE_TOKENS = 8
+
+
+def token_logprobs(logits, input_ids) -> list[list[float]]:
+    """log p(token t+1 | tokens <= t) for every position but the last, per sequence, in float64."""
+    import torch
+
+    logprobs = torch.log_softmax(logits.double(), dim=-1)[:, :-1]
+    return logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1).tolist()
+
+
+def run_transformers(directory: Path, input_ids: list[list[int]]) -> dict[str, Any]:
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moeshrink.surgery.apply import PER_LAYER_KEY, TOP_K_PER_LAYER_KEY
+
+    config = AutoConfig.from_pretrained(directory)
+    per_layer = bool(getattr(config, PER_LAYER_KEY, None) or getattr(config, TOP_K_PER_LAYER_KEY, None))
+    report: dict[str, Any] = {"transformers": transformers.__version__, "torch": torch.__version__}
+    if per_layer:
+        from moeshrink.io.checkpoint import load_model
+
+        model = load_model(directory, "float32").model
+        report |= {"loader": "moeshrink.io.checkpoint.load_model (per-layer format)"}
+    else:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, output_loading_info=True
+        )
+        report |= {
+            "loader": "transformers.AutoModelForCausalLM.from_pretrained",
+            "missing_keys": sorted(info.get("missing_keys", [])),
+            "unexpected_keys": sorted(info.get("unexpected_keys", [])),
+            "mismatched_keys": sorted(str(k[0]) for k in info.get("mismatched_keys", [])),
+        }
+    model.eval()
+    ids = torch.tensor(input_ids)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    report["logprobs"] = token_logprobs(logits, ids)
+    return report
+
+
+def run_vllm(directory: Path, input_ids: list[list[int]]) -> dict[str, Any]:
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    longest = max(len(ids) for ids in input_ids)
+    llm = LLM(
+        model=str(directory),
+        max_model_len=longest + GENERATE_TOKENS + 8,
+        enforce_eager=True,
+        dtype="float32",
+        seed=0,
+    )
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in input_ids]
+    scored = llm.generate(
+        prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False
+    )
+    logprobs = []
+    for ids, out in zip(input_ids, scored, strict=True):
+        row = out.prompt_logprobs[1:]  # the first token has none
+        logprobs.append([float(entry[token].logprob) for entry, token in zip(row, ids[1:], strict=True)])
+    greedy = llm.generate(
+        prompts[:1], SamplingParams(max_tokens=GENERATE_TOKENS, temperature=0.0), use_tqdm=False
+    )
+    return {
+        "vllm": vllm.__version__,
+        "logprobs": logprobs,
+        "generated_tokens": list(greedy[0].outputs[0].token_ids),
+    }
+
+
+def main(argv: list[str]) -> int:
+    kind, directory, inputs, output = argv
+    input_ids = json.loads(Path(inputs).read_text())["input_ids"]
+    run = {"transformers": run_transformers, "vllm": run_vllm}[kind]
+    Path(output).write_text(json.dumps(run(Path(directory), input_ids)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

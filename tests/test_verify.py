@@ -1,0 +1,78 @@
+"""Verification of exported checkpoints in a fresh process (transformers here; vLLM in tests/vllm)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import moeshrink
+from moeshrink.cli import main
+from moeshrink.errors import MoeShrinkError
+from moeshrink.io.checkpoint import load_model
+from moeshrink.plan import PLAN_FILENAME, ModelPlan
+from moeshrink.verify import TOLERANCE, verify_before_commit, verify_checkpoint, vllm_available
+
+KW = dict(samples=4, seq_len=32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def verified(checkpoints, calib_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("verified") / "out"
+    result = moeshrink.prune(
+        checkpoints["qwen3_moe"], "reap", keep=4, calib=calib_file, output=out, verify=True, **KW
+    )
+    return out, result
+
+
+def test_prune_verifies_its_output_and_records_it(verified):
+    out, result = verified
+    saved = ModelPlan.load(out / PLAN_FILENAME).verification
+    assert saved == result.plan.verification
+    check = saved["transformers"]
+    assert check["status"] == "pass", check
+    assert check["max_abs_diff"] <= TOLERANCE["transformers"]
+    assert "from_pretrained in a fresh process" in check["detail"]
+    if not vllm_available():
+        assert saved["vllm"]["status"] == "skipped" and "not installed" in saved["vllm"]["detail"]
+    card = (out / "README.md").read_text()
+    assert "## Verification" in card and "| transformers | pass" in card
+
+
+def test_a_changed_weight_fails_the_check(verified, tmp_path):
+    out, _ = verified
+    reference = load_model(out, "float32").model
+    with torch.no_grad():
+        reference.model.layers[0].mlp.experts.down_proj[0].mul_(3.0)
+    verification = verify_checkpoint(out, reference, vllm=False)
+    assert [c.name for c in verification.failed] == ["transformers"]
+    assert verification.failed[0].max_abs_diff > TOLERANCE["transformers"]
+    # as the last step of a job it refuses to commit, with the check named
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    plan = ModelPlan.load(copy / PLAN_FILENAME)
+    hook = verify_before_commit(plan, lambda p: "card", reference, progress=False)
+    with pytest.raises(MoeShrinkError, match="failed verification and was not written: transformers: fail"):
+        hook(copy)
+
+
+def test_verify_command(verified, checkpoints, tmp_path, capsys):
+    out, _ = verified
+    assert main(["verify", str(out), "--original", str(checkpoints["qwen3_moe"]), "--no-vllm"]) == 0
+    assert "transformers: pass" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["verify", str(tmp_path / "empty")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_missing_weights_fail_the_load_check(verified, tmp_path):
+    out, _ = verified
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["num_hidden_layers"] += 1  # a layer the weights do not have
+    (broken / "config.json").write_text(json.dumps(config))
+    verification = verify_checkpoint(broken, vllm=False)
+    assert verification.failed and "missing keys" in verification.failed[0].detail

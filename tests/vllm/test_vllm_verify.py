@@ -1,0 +1,40 @@
+"""A job's verification with vLLM installed: the output loads in vLLM in a fresh process and matches
+transformers; an output in the layout before 0.2 (a tensor file beside the weights) fails the check
+with a message saying how to fix it. Needs vLLM (skipped without it)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import moeshrink  # noqa: E402
+from moeshrink.plan import EXTRAS_DIR, LEGACY_REFIT_FILENAME, REFIT_FILENAME  # noqa: E402
+from moeshrink.testbed.paths import corpus_dir, testbed_model_dir  # noqa: E402
+from moeshrink.verify import TOLERANCE, verify_checkpoint  # noqa: E402
+
+KW = dict(keep=8, calib=corpus_dir() / "wiki" / "calib.jsonl", samples=8, seq_len=64, progress=False)
+
+
+@pytest.mark.parametrize("method", ["reap", "msmoe"])
+def test_job_verifies_its_output_in_vllm(method, tmp_path):
+    """REAP (a prune) and M-SMoE with its defaults (a merge with re-fitted experts, whose tensors used
+    to sit beside the weights and made vLLM refuse the folder)."""
+    out = tmp_path / method
+    result = moeshrink.prune(testbed_model_dir(), method, output=out, verify=True, **KW)
+    checks = result.plan.verification
+    assert checks["transformers"]["status"] == "pass", checks
+    assert checks["vllm"]["status"] == "pass", checks
+    assert checks["vllm"]["max_abs_diff"] <= TOLERANCE["vllm"]
+    assert [f.name for f in out.glob("*.safetensors")] == ["model.safetensors"]
+    if method == "msmoe":
+        assert (out / REFIT_FILENAME).is_file()
+        legacy = tmp_path / "legacy"
+        shutil.copytree(out, legacy)
+        (legacy / REFIT_FILENAME).rename(legacy / LEGACY_REFIT_FILENAME)
+        (legacy / EXTRAS_DIR).rmdir()
+        verification = verify_checkpoint(legacy)
+        (failed,) = verification.failed
+        assert failed.name == "vllm" and f"move it into {EXTRAS_DIR}/" in failed.detail
