@@ -272,6 +272,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         exact_router=args.exact_router,
         active_experts=args.active_experts,
         progress=not args.quiet,
+        verify=args.verify,
     )
     if distributed.rank() == 0:
         best, state = result.best.fitness, result.state
@@ -406,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also save the exact router transfer; moeshrink eval and load_model route by it",
     )
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--no-verify", dest="verify", action="store_const", const=False, help="skip verifying the output"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_search)
 

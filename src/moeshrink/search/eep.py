@@ -44,7 +44,7 @@ from moeshrink.errors import MoeShrinkError
 from moeshrink.info import describe_model
 from moeshrink.io.checkpoint import checkpoint_fingerprint, load_model
 from moeshrink.io.export import export_checkpoint
-from moeshrink.job import open_checkpoint, source_info, versions
+from moeshrink.job import open_checkpoint, source_info, verify_by_default, versions
 from moeshrink.methods import get_method
 from moeshrink.methods.base import ScorePruning, top_scores
 from moeshrink.methods.merging import logit_space_coefficients
@@ -63,6 +63,7 @@ from moeshrink.search.fitness import (
 )
 from moeshrink.surgery import apply_model_plan
 from moeshrink.surgery.router_transfer import TRANSFER_FILENAME, transfer_state
+from moeshrink.verify import verify_before_commit
 
 STATE_FORMAT = "moeshrink-eep-state/1"
 STATE_FILENAME = "eep_state.json"
@@ -616,6 +617,7 @@ def search(
     dtype: str = "auto",
     stop_after: int | None = None,
     progress: bool = True,
+    verify: bool | None = None,
 ) -> SearchResult:
     """EEP on the checkpoint at ``model``: search with the first ``items`` items of ``task`` (a local
     task name or multiple-choice JSONL) as fitness data, keep ``keep`` experts per MoE layer with
@@ -742,7 +744,12 @@ def search(
     if output is not None:
         if distributed.rank() == 0:
             after = describe_model(model_, adapter)
-            card = model_card(plan, before, after, Path(output).name)
+            name = Path(output).name
+
+            def card(plan: ModelPlan) -> str:
+                return model_card(plan, before, after, name)
+
+            check = verify_by_default() if verify is None else verify
             export_checkpoint(
                 model_,
                 adapter,
@@ -750,9 +757,10 @@ def search(
                 output,
                 source=path,
                 tokenizer=tokenizer,
-                model_card=card,
+                model_card=card(plan),
                 overwrite=overwrite,
                 sidecars=sidecars,
+                before_commit=verify_before_commit(plan, card, model_, progress=progress) if check else None,
             )
         distributed.barrier()
         result.output = Path(output)
