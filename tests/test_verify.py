@@ -27,7 +27,7 @@ def verified(checkpoints, calib_file, tmp_path_factory):
     return out, result
 
 
-def test_prune_verifies_its_output_and_records_it(verified):
+def test_prune_verifies_its_output_and_records_it(verified, checkpoints, calib_file):
     out, result = verified
     saved = ModelPlan.load(out / PLAN_FILENAME).verification
     assert saved == result.plan.verification
@@ -39,6 +39,10 @@ def test_prune_verifies_its_output_and_records_it(verified):
         assert saved["vllm"]["status"] == "skipped" and "not installed" in saved["vllm"]["detail"]
     card = (out / "README.md").read_text()
     assert "## Verification" in card and "| transformers | pass" in card
+    # a card is meant to be published: metadata, names as given, no local paths
+    assert card.startswith("---\n") and "library_name: transformers" in card and "- reap" in card
+    assert str(checkpoints["qwen3_moe"]) not in card and str(calib_file) not in card
+    assert "`qwen3_moe`" in card and calib_file.name in card
 
 
 def test_a_changed_weight_fails_the_check(verified, tmp_path):

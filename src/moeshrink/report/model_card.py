@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
 from moeshrink.info import ModelInfo
 from moeshrink.plan import PLAN_FILENAME, ModelPlan
 from moeshrink.sparsity.accounting import DENSE_NOTE, SparsityReport
@@ -11,18 +15,13 @@ def model_card(
     plan: ModelPlan, before: ModelInfo, after: ModelInfo, name: str, sparsity: SparsityReport | None = None
 ) -> str:
     """Markdown: what was done, what it kept, what it costs to serve, how to load it."""
-    budget = ", ".join(f"{k}={v}" for k, v in plan.budget.items())
+    budget = ", ".join(f"{k}={v}" for k, v in plan.budget.items() if k != "per_layer")
     calib = plan.calibration or {}
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [moeshrink, mixture-of-experts, expert-pruning]",
-        "---",
-        "",
         f"# {name}",
         "",
-        f"Compressed with [moeshrink](https://pypi.org/project/moeshrink/) from `{plan.source.get('path', '?')}` "
-        f"({plan.source.get('model_type', '?')}) by the **{plan.method}** method ({budget}).",
+        f"Compressed with moeshrink from `{source_name(plan)}` ({plan.source.get('model_type', '?')}) by the "
+        f"**{plan.method}** method ({budget}).",
         "",
         "| | before | after |",
         "|---|---|---|",
@@ -58,7 +57,7 @@ def model_card(
     if calib:
         lines += [
             f"Calibration: {calib.get('samples')} sequences x {calib.get('seq_len')} tokens "
-            f"(seed {calib.get('seed')}) from {', '.join(calib.get('files', []))}; "
+            f"(seed {calib.get('seed')}) from {', '.join(Path(f).name for f in calib.get('files', []))}; "
             f"sha256 of the token ids `{calib.get('sha256', '')[:16]}...`.",
             "",
         ]
@@ -81,7 +80,30 @@ def model_card(
         f"Versions: {', '.join(f'{k} {v}' for k, v in plan.versions.items())}.",
         "",
     ]
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{card_data(plan).to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def source_name(plan: ModelPlan) -> str:
+    """The source model as a reader can know it: its folder name, never an absolute local path (a
+    card is meant to be published)."""
+    return Path(plan.source.get("path", "?")).name
+
+
+def card_data(plan: ModelPlan) -> ModelCardData:
+    """The card's metadata: library, task, tags, and the source's own license when its card has one."""
+    source_card = Path(plan.source.get("path", "")) / "README.md"
+    license_ = None
+    if source_card.is_file():
+        try:
+            license_ = ModelCard.load(source_card).data.license
+        except (ValueError, OSError):  # a README without card metadata
+            license_ = None
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=license_,
+        tags=["moeshrink", "mixture-of-experts", "expert-pruning", plan.method],
+    )
 
 
 def _serving_note(plan: ModelPlan, after: ModelInfo) -> str:
