@@ -12,7 +12,8 @@ pytest.importorskip("vllm")
 
 import moeshrink  # noqa: E402
 from moeshrink.plan import EXTRAS_DIR, LEGACY_REFIT_FILENAME, REFIT_FILENAME  # noqa: E402
-from moeshrink.testbed.paths import corpus_dir, testbed_model_dir  # noqa: E402
+from moeshrink.testbed.paths import corpus_dir  # noqa: E402
+from moeshrink.testbed.paths import testbed_model_dir as testbed_dir  # noqa: E402
 from moeshrink.verify import TOLERANCE, verify_checkpoint  # noqa: E402
 
 KW = dict(keep=8, calib=corpus_dir() / "wiki" / "calib.jsonl", samples=8, seq_len=64, progress=False)
@@ -23,7 +24,7 @@ def test_job_verifies_its_output_in_vllm(method, tmp_path):
     """REAP (a prune) and M-SMoE with its defaults (a merge with re-fitted experts, whose tensors used
     to sit beside the weights and made vLLM refuse the folder)."""
     out = tmp_path / method
-    result = moeshrink.prune(testbed_model_dir(), method, output=out, verify=True, **KW)
+    result = moeshrink.prune(testbed_dir(), method, output=out, verify=True, **KW)
     checks = result.plan.verification
     assert checks["transformers"]["status"] == "pass", checks
     assert checks["vllm"]["status"] == "pass", checks

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -128,9 +129,16 @@ def _run_worker(kind: str, directory: Path, input_ids: list[list[int]]) -> dict[
         except subprocess.TimeoutExpired as e:
             raise RuntimeError(f"did not finish in {WORKER_TIMEOUT} s") from e
         if done.returncode != 0 or not output.is_file():
-            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-            raise RuntimeError(lines[-1] if lines else f"exit code {done.returncode}")
+            raise RuntimeError(root_cause(done.stderr) or f"exit code {done.returncode}")
         return json.loads(output.read_text())
+
+
+def root_cause(stderr: str) -> str | None:
+    """The most telling line of a failed worker: the last ``SomethingError: ...`` line (vLLM ends with
+    a generic 'see root cause above'), else the last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"\b\w*(Error|Exception): ", line)]
+    return (errors[0] if errors else lines[-1]) if lines else None
 
 
 def check_transformers(directory: Path, input_ids: list[list[int]], reference: list[list[float]] | None):

@@ -13,6 +13,7 @@ gets: nothing of the process that wrote the checkpoint (patched modules, cached 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,10 @@ def run_transformers(directory: Path, input_ids: list[list[int]]) -> dict[str, A
 
 
 def run_vllm(directory: Path, input_ids: list[list[int]]) -> dict[str, Any]:
+    # A check needs a small KV cache (vLLM's CPU backend otherwise reserves most of the RAM and
+    # refuses to start beside other processes) and no engine subprocess (this one is fresh already).
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import vllm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
