@@ -36,6 +36,9 @@ def test_per_layer_counts_reload_exactly(family, checkpoints, calib_file, tmp_pa
     assert (
         moeshrink.inspect(tmp_path / "out").experts_per_layer == [6, 4, 2] == result.after.experts_per_layer
     )
+    # opened without the plugin, vLLM's error must not be the user's first clue: card and inspect say it
+    assert "moeshrink's plugin" in card and "pip install moeshrink" in card
+    assert "moeshrink's plugin" in moeshrink.inspect(tmp_path / "out").to_text()
 
 
 def test_allocate_global_follows_usage():

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from moeshrink.arch import FamilyAdapter
 from moeshrink.io.checkpoint import load_config, resize_per_layer, weight_files
+from moeshrink.surgery.apply import PER_LAYER_KEY, TOP_K_PER_LAYER_KEY
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ModelInfo:
     expert_bytes: int
     file_bytes: int | None = None
     path: str | None = None
+    serving: str | None = None  # what serving it needs, when that is more than the family's own support
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +73,8 @@ class ModelInfo:
         ]
         if self.file_bytes is not None:
             rows.append(("on disk", _bytes(self.file_bytes)))
+        if self.serving is not None:
+            rows.append(("serving", self.serving))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -134,4 +138,9 @@ def inspect_model(path: str | Path) -> ModelInfo:
     info = describe_model(meta_model(config, adapter), adapter, dtype)
     info.path = str(path)
     info.file_bytes = sum(f.stat().st_size for f in weight_files(Path(path)))
+    if getattr(config, PER_LAYER_KEY, None) or getattr(config, TOP_K_PER_LAYER_KEY, None):
+        info.serving = (
+            "per-layer expert counts or top-k: vLLM serves it with moeshrink's plugin (pip install moeshrink "
+            "in vLLM's environment); load it in transformers with moeshrink.io.checkpoint.load_model"
+        )
     return info

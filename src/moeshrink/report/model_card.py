@@ -108,12 +108,17 @@ def card_data(plan: ModelPlan) -> ModelCardData:
 
 def _serving_note(plan: ModelPlan, after: ModelInfo) -> str:
     family = plan.source.get("model_type", "")
+    plugin = (
+        "vLLM serves it through moeshrink's plugin: install moeshrink in vLLM's environment "
+        "(`pip install moeshrink`), then `vllm serve DIR`; without the plugin vLLM refuses its architecture "
+        "name (`Moeshrink...ForCausalLM`) rather than serving another model."
+    )
     if len(set(after.experts_per_layer)) > 1:
         return (
             f"This {family} checkpoint keeps a different number of experts per layer (config field "
             "`moeshrink_experts_per_layer`) and stores fused expert tensors: load it with "
-            "`moeshrink.io.checkpoint.load_model(DIR)`, or `moeshrink eval DIR`. Plain `from_pretrained`, vLLM and "
-            "SGLang build one expert count for every layer and cannot load it; prune with a uniform budget to serve."
+            "`moeshrink.io.checkpoint.load_model(DIR)`, or `moeshrink eval DIR`; plain `from_pretrained` and "
+            f"SGLang build one expert count for every layer and cannot load it. {plugin}"
         )
     note = (
         f"The checkpoint is a standard {family} checkpoint with one expert count for every layer (what vLLM "
@@ -123,8 +128,9 @@ def _serving_note(plan: ModelPlan, after: ModelInfo) -> str:
     if any(lp.top_k is not None for lp in plan.layers):
         note += (
             " Layers route to different numbers of experts per token (config field `moeshrink_top_k_per_layer`): "
-            "transformers and vLLM read `num_experts_per_tok`, the largest, and use it in every layer; "
-            "`moeshrink.io.checkpoint.load_model(DIR)` and `moeshrink eval DIR` give each layer its own."
+            "plain transformers reads `num_experts_per_tok`, the largest, and uses it in every layer; "
+            "`moeshrink.io.checkpoint.load_model(DIR)` and `moeshrink eval DIR` give each layer its own. "
+            + plugin
         )
     transfer = plan.method_options.get("exact_router")
     if transfer:
