@@ -298,3 +298,11 @@ def test_without_the_plugin_vllm_refuses_per_layer_outputs_by_name(outputs):
         assert (
             line.startswith("REFUSED") and "MoeshrinkMixtralForCausalLM" in line and "not supported" in line
         )
+
+
+def test_unknown_vllm_version_is_named():
+    from moeshrink.serving.vllm_models import check_vllm_version
+
+    check_vllm_version(vllm.__version__)  # the installed one is supported
+    with pytest.raises(RuntimeError, match=r"vLLM 0\.32\.x .*this is vLLM 0\.40\.1"):
+        check_vllm_version("0.40.1")

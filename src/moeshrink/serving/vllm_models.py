@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
+import vllm
 from vllm.config import VllmConfig
 from vllm.model_executor.models import deepseek_v2, mixtral, olmoe, qwen2_moe, qwen3_moe
 from vllm.model_executor.models.utils import extract_layer_index
@@ -155,6 +156,21 @@ def per_expert_weights(
             yield name, tensor
 
 
+# The vLLM releases whose model classes the plugin was built and tested against (their decoder-layer
+# construction and weight loading are what it reuses).
+SUPPORTED_VLLM = ("0.32",)
+
+
+def check_vllm_version(version: str) -> None:
+    """Refuse, with the supported range, a vLLM whose model classes the plugin does not know."""
+    if not version.startswith(SUPPORTED_VLLM):
+        raise RuntimeError(
+            f"moeshrink's vLLM plugin serves per-layer outputs with vLLM {', '.join(v + '.x' for v in SUPPORTED_VLLM)} "
+            f"(tested 0.32.0); this is vLLM {version}: install a supported vLLM, or export with a uniform budget "
+            "(no --global-budget, no per-layer top-k), which any vLLM serves without the plugin"
+        )
+
+
 class PerLayerMoE:
     """Mixin before a vLLM ``*ForCausalLM`` class: per-layer expert counts and top-k (see the module
     docstring); everything else is the vLLM class's."""
@@ -162,6 +178,7 @@ class PerLayerMoE:
     layout: ClassVar[FamilyLayout]
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        check_vllm_version(vllm.__version__)
         model_config = vllm_config.model_config
         configs = list({id(c): c for c in (model_config.hf_config, model_config.hf_text_config)}.values())
         num_layers = configs[0].num_hidden_layers
