@@ -80,3 +80,17 @@ def test_missing_weights_fail_the_load_check(verified, tmp_path):
     (broken / "config.json").write_text(json.dumps(config))
     verification = verify_checkpoint(broken, vllm=False)
     assert verification.failed and "missing keys" in verification.failed[0].detail
+
+
+def test_per_layer_format_of_a_family_the_plugin_lacks_is_skipped_in_vllm(tmp_path):
+    """The vLLM check skips (with the reason) rather than fails an output vLLM cannot serve yet."""
+    from moeshrink.verify import check_vllm
+
+    out = tmp_path / "phimoe-per-layer"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"architectures": ["MoeshrinkPhimoeForCausalLM"]}))
+    check = check_vllm(out, [[1, 2, 3]], [[0.0, 0.0]])
+    if vllm_available():
+        assert check.status == "skipped" and "does not serve this family's per-layer format" in check.detail
+    else:
+        assert check.status == "skipped" and "not installed" in check.detail
