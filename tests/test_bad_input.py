@@ -225,3 +225,94 @@ def test_calibration_is_deterministic_and_reads_every_format(tmp_path):
     assert one.input_ids.shape == (6, 16) and txt.input_ids.shape == (6, 16)
     assert one.sha256 != other.sha256
     assert torch.equal(ds.input_ids, one.input_ids)
+
+
+@pytest.mark.parametrize(
+    "family, part", [("mixtral", "self_attn.q_proj"), ("qwen3_moe", "mlp.gate"), ("mixtral", "lm_head")]
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_missing_tensor_is_refused_not_filled_with_random_values(family, part, stream, checkpoints, tmp_path):
+    """A tensor the model needs that the file lacks (an attention projection, a router, the head):
+    transformers would fill it with random values and the export would carry them."""
+    model = tmp_path / "m"
+    shutil.copytree(checkpoints[family], model)
+    tensors = load_file(model / "model.safetensors")
+    key = next(k for k in tensors if part in k and "experts" not in k)
+    del tensors[key]
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    before = tree_digest(model)
+    with pytest.raises(MoeShrinkError, match="has no tensor for .*re-download") as err:
+        moeshrink.prune(model, "random", keep=4, output=tmp_path / "out", stream=stream, progress=False)
+    _one_line(err)
+    assert tree_digest(model) == before and not (tmp_path / "out").exists()
+
+
+def test_wrong_shape_tensor_is_one_line(checkpoints, tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(checkpoints["mixtral"], model)
+    tensors = load_file(model / "model.safetensors")
+    key = next(k for k in tensors if "self_attn.o_proj" in k)
+    tensors[key] = tensors[key][:, :-1].contiguous()
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MoeShrinkError, match="wrong shape") as err:
+        moeshrink.prune(model, "random", keep=4, output=tmp_path / "out", progress=False)
+    _one_line(err)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda p: p.update(top_k=5), "top_k 5 must be at least 1 and at most the experts each layer keeps"),
+        (lambda p: p.update(top_k=0), "top_k 0 must be at least 1"),
+        (lambda p: p["layers"][0]["experts"][0].update(weights=[float("nan")]), "must be finite numbers"),
+        (lambda p: p["layers"][1].update(top_k=9), "layer 1: top_k 9 must be between 1 and its 4 experts"),
+        (
+            lambda p: p["layers"][0]["experts"][0].update(permutations=[[0, 0, 2]]),
+            "every neuron index exactly once",
+        ),
+    ],
+)
+def test_hand_edited_plan_is_refused_before_anything_is_written(edit, message, checkpoints, tmp_path, capsys):
+    """``apply`` used to write a broken checkpoint and exit 0 from such a plan."""
+    from moeshrink.cli import main
+
+    moeshrink.prune(checkpoints["mixtral"], "random", keep=4, output=tmp_path / "a", progress=False)
+    plan = json.loads((tmp_path / "a" / "moeshrink_plan.json").read_text())
+    edit(plan)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert (
+        main(
+            [
+                "apply",
+                str(checkpoints["mixtral"]),
+                "--plan",
+                str(tmp_path / "plan.json"),
+                "-o",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moeshrink: error")]
+    assert len(errors) == 1 and message in errors[0]
+    assert not (tmp_path / "b").exists()
+
+
+def test_malformed_plan_is_one_line(checkpoints, tmp_path, capsys):
+    from moeshrink.cli import main
+
+    (tmp_path / "plan.json").write_text("{not json")
+    assert (
+        main(
+            [
+                "apply",
+                str(checkpoints["mixtral"]),
+                "--plan",
+                str(tmp_path / "plan.json"),
+                "-o",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
+    assert "not a readable plan" in capsys.readouterr().err

@@ -10,11 +10,14 @@ the checkpoint, inspected, diffed and re-applied to the same original model.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
+
+from moeshrink.errors import MoeShrinkError
 
 PLAN_FORMAT = "moeshrink-plan/1"
 PLAN_FILENAME = "moeshrink_plan.json"
@@ -45,6 +48,13 @@ class NewExpert(BaseModel):
             raise ValueError("sources, weights and router_weights must be non-empty and of equal length")
         if self.permutations is not None and len(self.permutations) != n:
             raise ValueError("permutations must have one entry (or null) per source")
+        if not all(math.isfinite(w) for w in (*self.weights, *self.router_weights)):
+            raise ValueError(
+                "merge and router weights must be finite numbers (a NaN or inf would poison the expert)"
+            )
+        for perm in self.permutations or []:
+            if perm is not None and sorted(perm) != list(range(len(perm))):
+                raise ValueError("each neuron permutation must list every neuron index exactly once")
         return self
 
     @classmethod
@@ -92,6 +102,14 @@ class LayerPlan(BaseModel):
             scores=scores,
         )
 
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> LayerPlan:
+        if self.top_k is not None and not 1 <= self.top_k <= len(self.experts):
+            raise ValueError(
+                f"layer {self.layer}: top_k {self.top_k} must be between 1 and its {len(self.experts)} experts"
+            )
+        return self
+
     @property
     def num_experts_after(self) -> int:
         return len(self.experts)
@@ -127,6 +145,16 @@ class ModelPlan(BaseModel):
     # The checks made on the exported checkpoint (moeshrink.verify): check -> status, detail, differences.
     verification: dict[str, Any] | None = None
 
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> ModelPlan:
+        too_few = [lp.layer for lp in self.layers if lp.top_k is None and lp.num_experts_after < self.top_k]
+        if self.top_k < 1 or too_few:
+            raise ValueError(
+                f"top_k {self.top_k} must be at least 1 and at most the experts each layer keeps"
+                + (f" (layer {too_few[0]} keeps fewer)" if too_few else "")
+            )
+        return self
+
     @property
     def num_experts_after(self) -> list[int]:
         return [lp.num_experts_after for lp in self.layers]
@@ -151,9 +179,18 @@ class ModelPlan(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> ModelPlan:
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != PLAN_FORMAT:
-            raise ValueError(
-                f"{path}: not a moeshrink plan (format {data.get('format')!r}, expected {PLAN_FORMAT})"
-            )
-        return cls.model_validate(data)
+        """A saved plan, checked whole; a one-line error naming the file and the first problem."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise MoeShrinkError(f"{path}: not a readable plan ({e})") from e
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise MoeShrinkError(f"{path}: not a moeshrink plan (format {found!r}, expected {PLAN_FORMAT})")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "plan"
+            message = first["msg"].removeprefix("Value error, ")
+            raise MoeShrinkError(f"{path}: not a valid plan: {where}: {message}") from e

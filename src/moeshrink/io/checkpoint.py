@@ -174,6 +174,34 @@ def _load_per_layer(path: Path, config, adapter: FamilyAdapter, dtype, experts: 
     return model
 
 
+def _from_pretrained_strict(path: Path, dtype, experts: str | None) -> nn.Module:
+    """``from_pretrained``, refusing what it would otherwise only log: a tensor the model needs that
+    the files lack (transformers fills it with random values) or one of the wrong shape."""
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, experts_implementation=experts, output_loading_info=True
+        )
+    except (RuntimeError, ValueError) as e:
+        if not any(word in str(e) for word in ("size mismatch", "shape", "mismatched_sizes")):
+            raise
+        raise MoeShrinkError(
+            f"{path}: a tensor has the wrong shape for its config.json (transformers' load report above names "
+            "it): the config and weights disagree; re-download the checkpoint"
+        ) from e
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise MoeShrinkError(
+            f"{path}: the checkpoint has no tensor for {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + ": transformers would fill it with random values; re-download the checkpoint"
+        )
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        name = mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]
+        raise MoeShrinkError(f"{path}: tensor {name} has the wrong shape for its config; re-download it")
+    return model
+
+
 @dataclass
 class LoadedModel:
     """A model with what belongs to it."""
@@ -213,7 +241,7 @@ def load_model(
     if getattr(config, PER_LAYER_KEY, None):
         model = _load_per_layer(path, config, adapter, torch_dtype, experts)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, experts_implementation=experts)
+        model = _from_pretrained_strict(path, torch_dtype, experts)
     model.eval()
     check_finite(model)
     check_moe_layers(model, adapter, path)
