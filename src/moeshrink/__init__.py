@@ -1,6 +1,11 @@
 """moeshrink: shrink sparse Mixture-of-Experts language models after training."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("moeshrink")  # declared once, in pyproject.toml
+except PackageNotFoundError:  # run from a source tree that was not installed
+    __version__ = "0+unknown"
 
 from moeshrink.errors import MoeShrinkError  # noqa: E402
 from moeshrink.info import inspect_model as inspect  # noqa: E402
