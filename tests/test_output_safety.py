@@ -3,7 +3,10 @@ is refused through the real CLI before any work, with or without --overwrite."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,3 +153,49 @@ def test_check_output_dir_and_atomic_directory(model: Path, tmp_path: Path):
     # A source that does not exist has nothing to lose; without one nothing is compared.
     assert check_output_dir(tmp_path / "out", True, source=tmp_path / "out" / "missing") == tmp_path / "out"
     assert check_output_dir(model / "sub", True) == model / "sub"
+
+
+def _tiny_prune(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["prune", str(model), "--method", "random", "--keep", "4", "-o", str(out), "--quiet", *extra]
+
+
+def test_a_second_writer_of_the_same_output_fails_clearly(tmp_path, capsys):
+    from moeshrink.io.export import PendingOutput
+
+    model = build_tiny_model("mixtral", tmp_path / "m", seed=1)
+    busy = PendingOutput(tmp_path / "out")  # another run writing it
+    try:
+        assert main(_tiny_prune(model, tmp_path / "out", "--overwrite")) == 2
+        assert "another moeshrink run is writing" in capsys.readouterr().err
+        assert main(_tiny_prune(model, tmp_path / "out", "--overwrite", "--stream")) == 2
+    finally:
+        busy.discard()
+    assert main(_tiny_prune(model, tmp_path / "out")) == 0  # free again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]  # no lock or temporary left
+
+
+def test_temporaries_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
+    model = build_tiny_model("mixtral", tmp_path / "m", seed=1)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    stale = [tmp_path / f".out.tmp-{dead_pid}-0badc0de", tmp_path / f".out.old-{dead_pid}-0badc0de"]
+    for path in stale:
+        (path / "sub").mkdir(parents=True)
+    alive = tmp_path / f".out.tmp-{os.getpid()}-live0000"  # a run still writing (this process)
+    alive.mkdir()
+    other = tmp_path / f".other.tmp-{dead_pid}-0badc0de"  # another output's
+    other.mkdir()
+    assert main(_tiny_prune(model, tmp_path / "out")) == 0
+    assert not any(p.exists() for p in stale)
+    assert alive.is_dir() and other.is_dir()
+
+
+def test_replacing_an_output_leaves_no_old_copy(tmp_path):
+    model = build_tiny_model("mixtral", tmp_path / "m", seed=1)
+    assert main(_tiny_prune(model, tmp_path / "out")) == 0
+    (tmp_path / "out" / "marker").write_text("old")
+    assert main(_tiny_prune(model, tmp_path / "out", "--overwrite", "--seed", "3")) == 0
+    assert not (tmp_path / "out" / "marker").exists() and (tmp_path / "out" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]

@@ -427,6 +427,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MoeShrinkError as e:
         print(f"moeshrink: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written atomically: nothing half-written is left behind
+        print("moeshrink: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,10 +6,13 @@ when complete, so a crash never leaves a half-written checkpoint that looks comp
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import json
 import os
 import shutil
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,18 +84,109 @@ def check_output_dir(output: str | Path, overwrite: bool, *, source: str | Path 
     return output
 
 
-def temporary_directory(output: Path) -> Path:
-    """A new hidden directory beside ``output`` (same file system, so renaming it into place is atomic)."""
-    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
+class PendingOutput:
+    """An output directory being written: a hidden temporary directory beside it (same file system),
+    renamed into place by :meth:`commit`, removed by :meth:`discard` or when dropped uncommitted.
+
+    While it exists it holds a lock on the output path (``.NAME.lock`` beside it, ``flock``), so a
+    second run writing the same output fails at once with a clear message instead of racing. Its name
+    carries this process's id, so a later run can tell a temporary directory left by a killed run
+    (its process is gone) from one still being written, and remove only the former."""
+
+    def __init__(self, output: Path):
+        self.output = Path(output)
+        parent = self.output.absolute().parent
+        self._lock_file = parent / f".{self.output.name}.lock"
+        self._lock = os.open(self._lock_file, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise MoeShrinkError(
+                f"another moeshrink run is writing {self.output} right now: wait for it to finish, or choose "
+                "another output directory"
+            ) from None
+        remove_stale_temporaries(self.output)
+        self.directory = parent / f".{self.output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.directory.mkdir()
+        self._finalizer = weakref.finalize(self, _discard, self.directory, self._lock_file, self._lock)
+
+    def commit(self) -> Path:
+        """Put the finished directory in place of the output (atomically where the system allows)."""
+        replace_directory(self.directory, self.output)
+        self._finalizer()  # releases the lock; the temporary directory is gone already
+        return self.output
+
+    def discard(self) -> None:
+        """Remove the temporary directory and release the lock."""
+        self._finalizer()
+
+
+def _discard(directory: Path, lock_file: Path, lock: int) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    lock_file.unlink(missing_ok=True)
+    os.close(lock)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(output: Path) -> list[Path]:
+    """Remove the temporary and replaced directories of ``output`` left by runs that were killed (their
+    process id is in the name and that process no longer exists); returns what was removed."""
+    removed = []
+    for path in Path(output).absolute().parent.glob(f".{Path(output).name}.*-*"):
+        kind, _, rest = path.name.removeprefix(f".{Path(output).name}.").partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and path.is_dir() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+_RENAME_EXCHANGE = 2
+_LIBC = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system
+    or file system cannot."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+            _LIBC.renameat2.argtypes = [
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_uint,
+            ]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return False
+    at_cwd = -100
+    return _LIBC.renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def replace_directory(tmp: Path, output: Path) -> None:
-    """Rename the finished ``tmp`` to ``output``, replacing what was there."""
+    """Put the finished ``tmp`` in place of ``output``. An existing output is swapped out in one atomic
+    step where the system allows it, so a crash never leaves neither; else it is first renamed aside
+    under a name a later run recognises and cleans up."""
+    if output.exists() and _exchange(tmp, output):
+        shutil.rmtree(tmp, ignore_errors=True)  # it now holds the old output
+        return
     old = None
     if output.exists():
-        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+        old = output.parent / f".{output.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         output.rename(old)
     tmp.rename(output)
     if old is not None:
@@ -106,14 +200,13 @@ def atomic_directory(
     """Yield a temporary directory; on success it replaces ``output``, on failure it is removed.
 
     ``source``: the input checkpoint, which the output may not be, contain or lie inside."""
-    output = check_output_dir(output, overwrite, source=source)
-    tmp = temporary_directory(output)
+    pending = PendingOutput(check_output_dir(output, overwrite, source=source))
     try:
-        yield tmp
+        yield pending.directory
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        pending.discard()
         raise
-    replace_directory(tmp, output)
+    pending.commit()
 
 
 def write_config_aliases(directory: Path, adapter: FamilyAdapter, num_experts: int, top_k: int) -> None:

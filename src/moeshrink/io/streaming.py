@@ -19,7 +19,6 @@ import ctypes
 import json
 import os
 import shutil
-import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -45,7 +44,7 @@ from moeshrink.io.checkpoint import (
     resolve_dtype,
     weight_files,
 )
-from moeshrink.io.export import check_output_dir, replace_directory, temporary_directory, write_extras
+from moeshrink.io.export import PendingOutput, check_output_dir, write_extras
 from moeshrink.plan import ModelPlan
 from moeshrink.serving import serving_architectures
 from moeshrink.sparsity.accounting import SparsityReport, TensorSparsity, layer_of, tensor_sparsity
@@ -193,8 +192,8 @@ class StreamedLayers:
         self.mapping = get_model_conversion_mapping(self.model)
         self.writer = None
         if self.output is not None:
-            self.directory = temporary_directory(self.output)
-            self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, True)
+            self.pending = PendingOutput(self.output)
+            self.directory = self.pending.directory
             self.writer = ShardWriter(self.directory, len(self.layers) + 1)
         self.loaded: set[int] = set()
         self.released: set[int] = set()
@@ -337,17 +336,15 @@ class StreamedLayers:
             )
             if before_commit is not None:
                 before_commit(self.directory)
-            replace_directory(self.directory, self.output)
         except BaseException:
-            self._cleanup()
+            self.pending.discard()
             raise
-        self._cleanup.detach()
-        return self.output
+        return self.pending.commit()
 
     def abort(self) -> None:
         """Remove the temporary output directory now."""
         if self.writer is not None:
-            self._cleanup()
+            self.pending.discard()
 
     def _finish(self, directory: Path) -> None:
         """Write the tensors outside the decoder layers, the index and config.json (as ``save_pretrained``)."""
