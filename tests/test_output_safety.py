@@ -199,3 +199,39 @@ def test_replacing_an_output_leaves_no_old_copy(tmp_path):
     assert main(_tiny_prune(model, tmp_path / "out", "--overwrite", "--seed", "3")) == 0
     assert not (tmp_path / "out" / "marker").exists() and (tmp_path / "out" / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
+
+
+@pytest.mark.parametrize("delay", [0.5, 2.0, 4.0])
+@pytest.mark.parametrize("stream", [False, True])
+def test_killed_run_leaves_input_intact_and_no_half_output(delay, stream, tmp_path):
+    """SIGKILL at several moments of a run (start-up, calibration, export): the input is unchanged, the
+    output is absent or complete and loadable, and the next run succeeds and clears the leftovers."""
+    from moeshrink.io.checkpoint import load_model
+    from moeshrink.testbed.paths import corpus_dir
+
+    model = build_tiny_model("qwen3_moe", tmp_path / "m", seed=1)
+    before = tree_digest(model)
+    out = tmp_path / "out"
+    args = [
+        *_tiny_prune(model, out),
+        "--method",
+        "reap",
+        "--calib",
+        str(corpus_dir() / "wiki" / "calib.jsonl"),
+    ]
+    args += ["--samples", "16", "--seq-len", "64"] + (["--stream"] if stream else [])
+    env = {**os.environ, "MOESHRINK_VERIFY": "0"}
+    run = subprocess.Popen([sys.executable, "-m", "moeshrink.cli", *args], env=env, stderr=subprocess.DEVNULL)
+    try:
+        run.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        run.wait()
+    assert tree_digest(model) == before
+    if out.exists():
+        load_model(out)  # complete
+    assert (
+        subprocess.run([sys.executable, "-m", "moeshrink.cli", *args, "--overwrite"], env=env).returncode == 0
+    )
+    load_model(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]  # stale temporaries cleared
