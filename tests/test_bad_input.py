@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import moeshrink
 from moeshrink.errors import MoeShrinkError
-from moeshrink.testbed.tiny import build_tiny_tokenizer
+from moeshrink.testbed.tiny import build_tiny_model, build_tiny_tokenizer
 
 from .conftest import tree_digest
 
@@ -316,3 +316,19 @@ def test_malformed_plan_is_one_line(checkpoints, tmp_path, capsys):
         == 2
     )
     assert "not a readable plan" in capsys.readouterr().err
+
+
+def test_plan_of_a_fine_tune_with_the_same_shapes_is_refused(tmp_path, capsys):
+    """Two checkpoints with the same config and file sizes (a model and its fine-tune): a plan made on
+    one must not be applied to the other (a merge fitted on one written into the other)."""
+    from moeshrink.cli import main
+
+    one = build_tiny_model("mixtral", tmp_path / "one", seed=1)
+    other = build_tiny_model("mixtral", tmp_path / "other", seed=2)
+    assert (one / "config.json").read_bytes() == (other / "config.json").read_bytes()
+    moeshrink.prune(one, "random", keep=4, output=tmp_path / "a", progress=False)
+    plan = str(tmp_path / "a" / "moeshrink_plan.json")
+    assert main(["apply", str(other), "--plan", plan, "-o", str(tmp_path / "b")]) == 2
+    assert "is not the checkpoint this plan was made from" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    assert main(["apply", str(one), "--plan", plan, "-o", str(tmp_path / "c")]) == 0

@@ -48,6 +48,7 @@ from moeshrink.info import ModelInfo, describe_model, meta_model
 from moeshrink.io.checkpoint import (
     TOKENIZER_FILES,
     checkpoint_fingerprint,
+    content_fingerprint,
     load_config,
     load_model,
     load_tokenizer,
@@ -330,6 +331,7 @@ def source_info(path: Path, adapter: FamilyAdapter, config) -> dict[str, Any]:
         "num_experts": adapter.num_experts(config),
         "top_k": int(config.num_experts_per_tok),
         "fingerprint": checkpoint_fingerprint(path),
+        "content_sha256": content_fingerprint(path),
     }
 
 

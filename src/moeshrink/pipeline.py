@@ -8,7 +8,7 @@ from typing import Any
 
 from moeshrink.errors import MoeShrinkError
 from moeshrink.info import describe_model
-from moeshrink.io.checkpoint import checkpoint_fingerprint, load_model
+from moeshrink.io.checkpoint import checkpoint_fingerprint, content_fingerprint, load_model
 from moeshrink.io.export import export_checkpoint, load_plan
 from moeshrink.job import Job, PruneResult, open_checkpoint, resolve_keep, verify_by_default, versions
 from moeshrink.plan import ModelPlan
@@ -52,11 +52,13 @@ def apply_plan(
             "this plan zeroed weights inside experts with masks computed from calibration data, which the plan "
             "does not store: rerun moeshrink prune with the same recipe to reproduce it"
         )
-    fingerprint = plan.source.get("fingerprint")
-    if fingerprint and fingerprint != checkpoint_fingerprint(path):
+    fingerprint, content = plan.source.get("fingerprint"), plan.source.get("content_sha256")
+    if (fingerprint and fingerprint != checkpoint_fingerprint(path)) or (
+        content and content != content_fingerprint(path)
+    ):
         raise MoeShrinkError(
             f"{path} is not the checkpoint this plan was made from ({plan.source.get('path')}): "
-            "its config or weight files differ"
+            "its config, weight files or weights differ"
         )
     loaded = load_model(path, dtype)
     before = describe_model(loaded.model, adapter)
