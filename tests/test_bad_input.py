@@ -332,3 +332,25 @@ def test_plan_of_a_fine_tune_with_the_same_shapes_is_refused(tmp_path, capsys):
     assert "is not the checkpoint this plan was made from" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
     assert main(["apply", str(one), "--plan", plan, "-o", str(tmp_path / "c")]) == 0
+
+
+def test_non_utf8_jsonl_and_unknown_dtype_are_one_line(checkpoints, tmp_path, capsys):
+    from moeshrink.cli import main
+
+    bad = tmp_path / "calib.jsonl"
+    bad.write_bytes(b'{"text": "caf\xe9 \xff\xfe"}\n')
+    base = [
+        "prune",
+        str(checkpoints["mixtral"]),
+        "--method",
+        "reap",
+        "--keep",
+        "4",
+        "-o",
+        str(tmp_path / "o"),
+    ]
+    assert main([*base, "--calib", str(bad), "--quiet"]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+    assert main([*base, "--dtype", "banana", "--calib", str(bad)]) == 2
+    assert "dtype" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

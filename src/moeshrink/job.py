@@ -29,7 +29,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -209,7 +209,7 @@ class Job(BaseModel):
     seq_len: int = 512
     seed: int = 0
     device: str = "cpu"
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(8, ge=1)
     error_propagation: bool = True
     stream: bool | None = None

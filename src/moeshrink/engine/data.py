@@ -69,6 +69,15 @@ def read_documents(paths: Sequence[str | Path], text_field: str = "text") -> lis
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    try:
+        return _parse_jsonl(path, text_field)
+    except UnicodeDecodeError as e:
+        raise MoeShrinkError(
+            f"{path}: not UTF-8 text (byte {e.start}): JSONL calibration files must be UTF-8; convert it"
+        ) from e
+
+
+def _parse_jsonl(path: Path, text_field: str) -> list[str]:
     docs = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
