@@ -259,6 +259,12 @@ def test_wrong_shape_tensor_is_one_line(checkpoints, tmp_path):
     _one_line(err)
 
 
+def _apply(model, plan, out) -> int:
+    from moeshrink.cli import main
+
+    return main(["apply", str(model), "--plan", str(plan), "-o", str(out)])
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -274,47 +280,19 @@ def test_wrong_shape_tensor_is_one_line(checkpoints, tmp_path):
 )
 def test_hand_edited_plan_is_refused_before_anything_is_written(edit, message, checkpoints, tmp_path, capsys):
     """``apply`` used to write a broken checkpoint and exit 0 from such a plan."""
-    from moeshrink.cli import main
-
     moeshrink.prune(checkpoints["mixtral"], "random", keep=4, output=tmp_path / "a", progress=False)
     plan = json.loads((tmp_path / "a" / "moeshrink_plan.json").read_text())
     edit(plan)
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    assert (
-        main(
-            [
-                "apply",
-                str(checkpoints["mixtral"]),
-                "--plan",
-                str(tmp_path / "plan.json"),
-                "-o",
-                str(tmp_path / "b"),
-            ]
-        )
-        == 2
-    )
+    assert _apply(checkpoints["mixtral"], tmp_path / "plan.json", tmp_path / "b") == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moeshrink: error")]
     assert len(errors) == 1 and message in errors[0]
     assert not (tmp_path / "b").exists()
 
 
 def test_malformed_plan_is_one_line(checkpoints, tmp_path, capsys):
-    from moeshrink.cli import main
-
     (tmp_path / "plan.json").write_text("{not json")
-    assert (
-        main(
-            [
-                "apply",
-                str(checkpoints["mixtral"]),
-                "--plan",
-                str(tmp_path / "plan.json"),
-                "-o",
-                str(tmp_path / "b"),
-            ]
-        )
-        == 2
-    )
+    assert _apply(checkpoints["mixtral"], tmp_path / "plan.json", tmp_path / "b") == 2
     assert "not a readable plan" in capsys.readouterr().err
 
 
