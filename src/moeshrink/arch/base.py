@@ -99,7 +99,11 @@ class MoELayer:
         return self.scoring(self.router, logits, allowed)
 
     def expert_outputs(self, hidden: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
-        """Output of expert ``expert_index[t]`` on ``hidden[t]`` (unweighted), through the model's own code."""
+        """Output of expert ``expert_index[t]`` on ``hidden[t]`` (unweighted), through the model's own code,
+        in the experts' dtype (statistics keep hidden states in float32; some checkpoints, DeepSeek-V3's,
+        store the router in float32 and the experts in bfloat16)."""
+        weight = self.param(self.expert_tensors[0].name)
+        hidden = hidden.to(device=weight.device, dtype=weight.dtype)
         ones = torch.ones(hidden.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
         # .forward skips module hooks, so observers on the experts module do not see these calls.
         return self.experts.forward(hidden, expert_index.reshape(-1, 1), ones)
