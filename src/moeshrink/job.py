@@ -626,11 +626,6 @@ def _check_calibration(job: Job, method: ExpertMethod, global_budget: bool, path
     return paths
 
 
-def prune_job(model: str | Path | None = None, method: str | None = None, **fields: Any) -> Job:
-    """The job ``moeshrink.prune(model, method, **fields)`` runs."""
-    return Job.build(model=model, method=method, **fields)
-
-
 __all__ = [
     "CheckedJob",
     "ExpertsSpec",
@@ -642,7 +637,6 @@ __all__ = [
     "check_job",
     "load_recipe",
     "open_checkpoint",
-    "prune_job",
     "resolve_keep",
     "source_info",
     "versions",
