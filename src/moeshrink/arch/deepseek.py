@@ -14,19 +14,22 @@ from moeshrink.arch.routing import (
     softmax_probabilities,
 )
 
+DEEPSEEK_V3 = GroupedFamilyAdapter(
+    model_type="deepseek_v3",
+    moe_block="mlp",
+    router="gate",
+    scoring=sigmoid_grouped_topk,
+    probabilities=sigmoid_probabilities,
+    expert_count_keys=("n_routed_experts",),
+    shared=("shared_experts",),
+)
 
-def _deepseek(model_type: str, scoring, probabilities) -> GroupedFamilyAdapter:
-    """V2 and V3 differ only in their scoring rule."""
-    return GroupedFamilyAdapter(
-        model_type=model_type,
-        moe_block="mlp",
-        router="gate",
-        scoring=scoring,
-        probabilities=probabilities,
-        expert_count_keys=("n_routed_experts",),
-        shared=("shared_experts",),
-    )
-
-
-DEEPSEEK_V3 = _deepseek("deepseek_v3", sigmoid_grouped_topk, sigmoid_probabilities)
-DEEPSEEK_V2 = _deepseek("deepseek_v2", softmax_grouped_topk, softmax_probabilities)
+DEEPSEEK_V2 = GroupedFamilyAdapter(
+    model_type="deepseek_v2",
+    moe_block="mlp",
+    router="gate",
+    scoring=softmax_grouped_topk,
+    probabilities=softmax_probabilities,
+    expert_count_keys=("n_routed_experts",),
+    shared=("shared_experts",),
+)
