@@ -332,3 +332,19 @@ def test_non_utf8_jsonl_and_unknown_dtype_are_one_line(checkpoints, tmp_path, ca
     assert main([*base, "--dtype", "banana", "--calib", str(bad)]) == 2
     assert "dtype" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_seq_len_beyond_the_positions_and_truncated_inspect(checkpoints, calib_file, tmp_path, capsys):
+    from moeshrink.cli import main
+
+    out = tmp_path / "o"
+    args = ["prune", str(checkpoints["mixtral"]), "--method", "reap", "--keep", "4", "-o", str(out)]
+    assert main([*args, "--calib", str(calib_file), "--seq-len", "100000"]) == 2
+    assert "longer than the 512 positions" in capsys.readouterr().err
+    model = tmp_path / "m"
+    shutil.copytree(checkpoints["mixtral"], model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert main(["inspect", str(model)]) == 2
+    assert "truncated" in capsys.readouterr().err
+    assert not out.exists()

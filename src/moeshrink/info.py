@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from moeshrink.arch import FamilyAdapter
-from moeshrink.io.checkpoint import load_config, resize_per_layer, weight_files
+from moeshrink.io.checkpoint import check_safetensors_file, load_config, resize_per_layer, weight_files
 from moeshrink.surgery.apply import PER_LAYER_KEY, TOP_K_PER_LAYER_KEY
 
 
@@ -137,7 +137,10 @@ def inspect_model(path: str | Path) -> ModelInfo:
         dtype = getattr(torch, dtype)
     info = describe_model(meta_model(config, adapter), adapter, dtype)
     info.path = str(path)
-    info.file_bytes = sum(f.stat().st_size for f in weight_files(Path(path)))
+    files = weight_files(Path(path))
+    for file in files:  # a truncated download is reported, not shown as a normal checkpoint
+        check_safetensors_file(file)
+    info.file_bytes = sum(f.stat().st_size for f in files)
     if getattr(config, PER_LAYER_KEY, None) or getattr(config, TOP_K_PER_LAYER_KEY, None):
         info.serving = (
             "per-layer expert counts or top-k: vLLM serves it with moeshrink's plugin (pip install moeshrink "

@@ -562,6 +562,12 @@ def check_job(job: Job) -> CheckedJob:
     calib_paths = None
     if method.needs or wants_data or experts_spec.global_budget:
         calib_paths = _check_calibration(job, method, experts_spec.global_budget, path)
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions is not None and job.seq_len > int(positions):
+            raise MoeShrinkError(
+                f"--seq-len {job.seq_len} is longer than the {positions} positions this model was built for: "
+                f"calibrate with --seq-len {positions} or less"
+            )
     reader = ShardReader(path)  # every shard present and complete, before anything is written
     if job.output is not None:
         check_free_disk(job.output, estimate_output_bytes(reader, adapter, config, keep))
