@@ -100,6 +100,7 @@ def cases(work: Path) -> dict[str, list[str]]:
                     args += ["--global-budget"] if budget == "global" else []
                     runs[f"{family}/{method}/{memory}/{budget}"] = args
     base = ["prune", testbed, "--keep", "8", *CALIB]
+    stun = ["prune", testbed, "--method", "stun", "--ratio", "0.25", "--total-sparsity", "0.55", *CALIB]
     runs |= {
         "sparsity/reap+wanda50": [*base, "--method", "reap", "--sparsity", "0.5"],
         "sparsity/reap+wanda50/stream": [*base, "--method", "reap", "--sparsity", "0.5", "--stream"],
@@ -117,29 +118,8 @@ def cases(work: Path) -> dict[str, list[str]]:
             "--sparsity-scope",
             "all",
         ],
-        "sparsity/stun+total55": [
-            "prune",
-            testbed,
-            "--method",
-            "stun",
-            "--ratio",
-            "0.25",
-            "--total-sparsity",
-            "0.55",
-            *CALIB,
-        ],
-        "sparsity/stun+total55/global": [
-            "prune",
-            testbed,
-            "--method",
-            "stun",
-            "--ratio",
-            "0.25",
-            "--total-sparsity",
-            "0.55",
-            "--global-budget",
-            *CALIB,
-        ],
+        "sparsity/stun+total55": stun,
+        "sparsity/stun+total55/global": [*stun, "--global-budget"],
         "topk/none+top1": ["prune", testbed, "--method", "none", "--top-k", "1"],
         "recipe/steps": ["prune", testbed, "--recipe", "{recipe}"],
         "apply/msmoe-plan": ["apply", testbed, "--plan", "{plan}"],

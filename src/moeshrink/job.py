@@ -182,10 +182,11 @@ def _fold_shorthand(data: dict[str, Any]) -> dict[str, Any]:
             if not MAKES_STEP & {k for k in given if SHORTHAND[k][0] == kind}:
                 continue
             existing = {kind: {}}
-            steps.insert(0, existing) if kind == "experts" else steps.append(existing)
+            steps.insert(0 if kind == "experts" else len(steps), existing)
         body = existing[kind] = dict(existing[kind])
-        if kind == "experts" and ("keep" in fields or "ratio" in fields):
-            body.pop("keep", None), body.pop("ratio", None)
+        if kind == "experts" and ("keep" in fields or "ratio" in fields):  # one budget: the new one
+            body.pop("keep", None)
+            body.pop("ratio", None)
         body.update(fields)
     if steps:
         data["steps"] = steps
