@@ -227,3 +227,20 @@ def test_tokenizer_round_trips_each_domain(tokenizer, domain: str) -> None:
 def test_tokenizer_round_trips_arbitrary_text(tokenizer) -> None:
     text = "  tabs\tand\n\nnew lines, naïve café, 中文, emoji 😀, trailing space "
     assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_held_out_files_reads_the_named_split() -> None:
+    from moeshrink.evaluate.perplexity import held_out_files
+
+    for split in ("validation", "test"):
+        files = held_out_files(CORPUS, split=split)
+        assert sorted(files) == sorted(DOMAINS)
+        assert all(p.name == f"{split}.jsonl" for p in files.values())
+
+
+def test_eval_command_takes_a_split() -> None:
+    from moeshrink.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "model", "--split", "validation"])
+    assert args.split == "validation"
+    assert build_parser().parse_args(["eval", "model"]).split == "test"

@@ -232,6 +232,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             loaded.tokenizer,
             data_dir=Path(args.data) if args.data else None,
             domains=args.domains,
+            split=args.split,
             tasks=args.tasks,
             task_limit=args.task_limit,
             max_tokens=args.max_tokens,
@@ -335,7 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks", nargs="+", help="lm-eval tasks: the local moeshrink_<domain> tasks or any lm-eval name"
     )
     p.add_argument("--task-limit", type=int, help="items per task (default: all)")
-    p.add_argument("--data", help="held-out text as DIR/<domain>/test.jsonl (default: the testbed corpus)")
+    p.add_argument("--data", help="held-out text as DIR/<domain>/<split>.jsonl (default: the testbed corpus)")
+    p.add_argument(
+        "--split",
+        default="test",
+        help="held-out split to measure perplexity on: test (default; for reporting) or validation "
+        "(for choosing options)",
+    )
     p.add_argument("--domains", nargs="+", help="domains to evaluate (default: all in --data)")
     p.add_argument("--max-tokens", type=int, default=32768, help="held-out tokens per domain (default 32768)")
     p.add_argument("--seq-len", type=int, default=256)

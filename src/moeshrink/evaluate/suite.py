@@ -19,6 +19,7 @@ def evaluate_model(
     *,
     data_dir: Path | None = None,
     domains: Sequence[str] | None = None,
+    split: str = "test",
     tasks: Sequence[str] | None = None,
     task_limit: int | None = None,
     max_tokens: int | None = 32768,
@@ -28,10 +29,14 @@ def evaluate_model(
     device: str = "cpu",
     batch_size: int = 8,
 ) -> dict:
-    """Everything ``moeshrink eval`` reports about ``model``, as plain JSON-able data."""
+    """Everything ``moeshrink eval`` reports about ``model``, as plain JSON-able data.
+
+    Perplexity is measured on ``data_dir/<domain>/<split>.jsonl``: ``test`` for numbers to report,
+    ``validation`` for choosing defaults and options (the testbed corpus has both).
+    """
     data_dir = data_dir or paths.corpus_dir()
     adapter = get_adapter(model.config) if usage else None
-    files = held_out_files(data_dir, domains)
+    files = held_out_files(data_dir, domains, split)
     result: dict = {
         "experts_per_layer": [layer.num_experts for layer in get_adapter(model.config).moe_layers(model)],
         "top_k": int(model.config.num_experts_per_tok),
