@@ -4,8 +4,9 @@ For every calibration domain and budget, each method prunes the testbed (in memo
 is evaluated on every domain's held-out text (perplexity; lm-eval multiple choice with --tasks).
 ``--split validation`` measures on the validation split (for choosing defaults and options),
 ``--split test`` (default) on the test split (for the numbers the docs report); one OUT holds one split.
-Also records each method's compression time relative to the floor: one forward pass of the unpruned
-model over the same calibration tokens. Results go to OUT.json (resumable) and OUT.md.
+Each row records its compression seconds, but the report shows no time: rows are measured hours apart
+and resumed across runs, under whatever load the machine had; ``benchmarks/cost.py`` (docs/cost.md)
+measures time against floors interleaved in one run. Results go to OUT.json (resumable) and OUT.md.
 
     python benchmarks/quality.py --out docs/quality
     python benchmarks/quality.py --out docs/defaults --split validation --methods ...
@@ -17,12 +18,8 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from moeshrink.engine.data import build_calibration
 from moeshrink.evaluate.suite import evaluate_model
 from moeshrink.io.checkpoint import load_model
 from moeshrink.methods import METHODS
@@ -33,6 +30,11 @@ from moeshrink.testbed.paths import DOMAINS, corpus_dir, testbed_model_dir
 # What a results file without a recorded split was measured on: the test split before the
 # validation split was carved out of it (issue #13); today's validation + test documents.
 PREVIOUS_TEST = "the previous test split (today's validation + test)"
+
+TIME_NOTE = (
+    "Time is not reported here (rows are measured hours apart, across resumed runs, on a shared machine): "
+    "[cost.md](cost.md) times every method against a floor measured in the same run, interleaved with it."
+)
 
 # Variant keys that are arguments of prune() (sparsity, budgets), not options of the method.
 PRUNE_KEYS = ("total_sparsity", "sparsity", "sparsity_method", "sparsity_scope", "nm", "global_budget")
@@ -51,19 +53,6 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         except json.JSONDecodeError:
             options[key] = value
     return name, options
-
-
-def forward_floor(model, tokenizer, calib: Path, samples: int, seq_len: int, batch_size: int = 8) -> float:
-    """Seconds for one forward pass of ``model`` over the calibration tokens (best of 2)."""
-    ids = build_calibration(tokenizer, [calib], samples, seq_len, seed=0).input_ids
-    best = math.inf
-    with torch.no_grad():
-        for _ in range(2):
-            t = time.perf_counter()
-            for start in range(0, ids.shape[0], batch_size):
-                model.model(input_ids=ids[start : start + batch_size])
-            best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main() -> None:
@@ -120,13 +109,6 @@ def main() -> None:
     if "baseline" not in data:
         data["baseline"] = evaluate_model(base.model, base.tokenizer, **evaluate)
         data["settings"] = vars(args) | {"out": str(args.out), "model": str(model_dir)}
-    # The floor is measured in every run, so each row's time ratio compares like with like.
-    floor = {
-        d: forward_floor(
-            base.model, base.tokenizer, corpus_dir() / d / "calib.jsonl", args.samples, args.seq_len
-        )
-        for d in args.calib_domains
-    }
     del base
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
     if command not in data.setdefault("commands", []):
@@ -154,8 +136,6 @@ def main() -> None:
                 row = evaluate_model(result.model, result.tokenizer, **evaluate)
                 row["compress_seconds"] = result.seconds["compress"]
                 row["experts_per_layer_after"] = result.after.experts_per_layer
-                row["floor_seconds"] = floor[calib_domain]
-                row["time_over_floor"] = result.seconds["compress"] / floor[calib_domain]
                 row["method_details"] = [lp.details for lp in result.plan.layers if lp.details]
                 if result.plan.sparsity:
                     row["sparsity"] = {
@@ -205,12 +185,11 @@ def render(data: dict) -> str:
         "method",
         "on the calibrated domain",
         "on the other domains",
-        "time / forward floor",
     ]
     table = []
     for keep in keeps:
         for method in methods:
-            own, other, ratio_time = [], [], []
+            own, other = [], []
             for c in calib_domains:
                 r = rows.get(f"{method}|{keep}|{c}")
                 if r is None:
@@ -218,7 +197,6 @@ def render(data: dict) -> str:
                 for d in domains:
                     ratio = math.log(r["domains"][d]["perplexity"] / base["domains"][d]["perplexity"])
                     (own if d == c else other).append(ratio)
-                ratio_time.append(r["time_over_floor"])
             if own:
                 table.append(
                     [
@@ -226,16 +204,17 @@ def render(data: dict) -> str:
                         method,
                         f"{math.exp(sum(own) / len(own)):.3f}",
                         f"{math.exp(sum(other) / len(other)):.3f}",
-                        f"{sum(ratio_time) / len(ratio_time):.1f}",
                     ]
                 )
-    lines += [markdown_table(header, table), ""]
+    lines += [markdown_table(header, table), "", TIME_NOTE, ""]
     if sparse_rows:
         lines += _render_total_sparsity(sparse_rows, base, domains)
     searched = [(k, r) for k, r in rows.items() if r.get("method_details")]
     if searched:
         lines += [
             "## Subset search cost (per layer)",
+            "",
+            "Subsets each layer's search evaluated; its time is in [cost.md](cost.md).",
             "",
             markdown_table(
                 [
@@ -245,7 +224,6 @@ def render(data: dict) -> str:
                     "search",
                     "subsets evaluated",
                     "of possible",
-                    "time / floor",
                 ],
                 [
                     [
@@ -255,7 +233,6 @@ def render(data: dict) -> str:
                         r["method_details"][0]["search"],
                         str(r["method_details"][0]["subsets_evaluated"]),
                         str(r["method_details"][0]["subsets_possible"]),
-                        f"{r['time_over_floor']:.1f}",
                     ]
                     for k, r in searched
                 ],
@@ -323,7 +300,6 @@ def _render_total_sparsity(rows: dict, base: dict, domains: list[str]) -> list[s
                 f"{sum(r['sparsity']['total_sparsity_achieved'] for _, r in members) / len(members):.2%}",
                 f"{math.exp(sum(own) / len(own)):.3f}",
                 f"{math.exp(sum(other) / len(other)):.3f}",
-                f"{sum(r['time_over_floor'] for _, r in members) / len(members):.1f}",
                 str(len(members)),
             ]
         )
@@ -336,7 +312,6 @@ def _render_total_sparsity(rows: dict, base: dict, domains: list[str]) -> list[s
         "reached",
         "ppl ratio, calibrated domain",
         "other domains",
-        "time / floor",
         "calibration domains",
     ]
     return [
