@@ -1,93 +1,51 @@
-"""Cost benchmark: each one-shot method's wall time and peak memory as a ratio to the floor.
+"""Cost benchmark: each method's wall time and peak memory as a ratio to a floor from the same run.
 
-The floor is the least any calibration-based method must do: read the checkpoint once and run one
-forward pass of the unpruned model over the same calibration tokens. It is measured in the same run,
-streamed layer by layer like the methods (so it holds one layer at a time too). Every measurement
-runs in its own process (peak RSS is that process's high-water mark, ``ru_maxrss``), one thread.
-Checkpoints: the testbed (in memory and streamed) and synthetic Mixtral-shaped checkpoints of
-growing size (``benchmarks/make_synthetic.py``; same layer shape, more layers), each deleted after
-its runs. Results go to OUT.json (resumable: finished rows are kept) and OUT.md.
+The **floor** is the least any calibration-based method must do: tokenize the calibration text, read
+the checkpoint once and run the calibration tokens once through every decoder layer of the unpruned
+model, layer by layer as the methods do (streamed like them under ``--stream``; no logits: no method
+computes them). Every measurement is its own process with
+one thread (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``); peak RSS is that process's
+``VmHWM``. Floors are interleaved with the methods they divide: floor, method, floor, method, ...,
+floor, so each method run has a floor run just before and just after it, and a row's ratio divides
+its fastest method run by the fastest of those adjacent floors. With ``--repeat N`` the whole sequence
+is run N times round-robin (best of N), except for methods whose first run took longer than
+``--repeat-below`` seconds (best of 1). Each run records the 1-minute load average when it starts and
+ends, so a row measured while the machine was busy can be seen as such.
 
-    OMP_NUM_THREADS=1 python benchmarks/cost.py --sizes 1 4 16 --big 26 --out docs/cost
+One invocation is one run: a run id, the machine, the versions and every single measurement go to
+OUT.json, which a rerun replaces whole (it never resumes or mixes rows of two runs; ``--report-only``
+refuses a file that does). Calibration files are copied (and hashed) at the start, so every row of a
+run sees the same text. Checkpoints: the testbed (``--modes memory stream``) and, streamed, synthetic
+Mixtral-shaped checkpoints of growing size (``--sizes``, ``benchmarks/make_synthetic.py``), each
+deleted after its rows.
+
+    python benchmarks/cost.py --calib-domains wiki pydoc --keep 8 4 --repeat 3 --out docs/cost
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-
-from moeshrink.testbed.paths import corpus_dir, testbed_model_dir
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
+FLOOR = "floor"
+PRUNING = ["random", "frequency", "soft_activation", "ean", "reap", "naee", "stun"]
+MERGING = ["msmoe", "hcsmoe", "uncurl"]
 
 
 # ---------------------------------------------------------------- child process: one measurement
-
-
-def _floor(job: dict) -> dict:
-    """Read every tensor of the checkpoint once and run the calibration tokens through every layer."""
-    import torch
-
-    from moeshrink.engine.data import build_calibration
-    from moeshrink.engine.runner import capture_layer_inputs, move_to_device, run_layer
-    from moeshrink.io.checkpoint import load_model, load_tokenizer
-    from moeshrink.io.streaming import StreamedLayers
-
-    path = Path(job["model"])
-    ids = build_calibration(load_tokenizer(path), [job["calib"]], job["samples"], job["seq_len"], 0).input_ids
-    with torch.no_grad():
-        if job["stream"]:
-            streamer = StreamedLayers.open(path)
-            model, layers = streamer.model, streamer.layers
-        else:
-            loaded = load_model(path)
-            model, layers = loaded.model, loaded.adapter.decoder_layers(loaded.model)
-            streamer = None
-        adapter = streamer.adapter if streamer else loaded.adapter
-        cached = capture_layer_inputs(model, adapter, ids, job["batch_size"], torch.device("cpu"))
-        hidden = cached.hidden
-        for index, layer in enumerate(layers):
-            if streamer:
-                streamer.load(index)
-            kwargs = [move_to_device(kw, "cpu") for kw in cached.layer_kwargs[index]]
-            hidden = run_layer(layer, hidden, kwargs)
-            if streamer:
-                streamer.release(index, write=False)
-        normed = [model.model.norm(h) for h in hidden]
-        [model.lm_head(h) for h in normed]
-    return {}
-
-
-def _prune(job: dict) -> dict:
-    from moeshrink.pipeline import prune
-
-    out = Path(job["scratch"]) / f"out-{os.getpid()}"
-    try:
-        result = prune(
-            job["model"],
-            job["method"],
-            keep=job["keep"],
-            calib=job["calib"],
-            output=out,
-            samples=job["samples"],
-            seq_len=job["seq_len"],
-            batch_size=job["batch_size"],
-            stream=job["stream"],
-            overwrite=True,
-            progress=False,
-            method_options=job.get("options") or None,
-        )
-        written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-        return {"seconds_by_step": result.seconds, "output_bytes": written}
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
 
 
 def peak_rss() -> int:
@@ -103,25 +61,116 @@ def peak_rss() -> int:
     return peak_rss_bytes()
 
 
+def _floor(job: dict) -> Callable[[], dict]:
+    """The floor, imports done: tokenize, read every tensor once, run the tokens through every layer."""
+    import torch
+
+    from moeshrink.engine.data import build_calibration
+    from moeshrink.engine.runner import capture_layer_inputs, move_to_device, run_layer
+    from moeshrink.io.checkpoint import load_model, load_tokenizer
+    from moeshrink.io.streaming import StreamedLayers
+
+    def run() -> dict:
+        path, steps = Path(job["model"]), {}
+        t = time.perf_counter()
+        tokenizer = load_tokenizer(path)
+        ids = build_calibration(tokenizer, [job["calib"]], job["samples"], job["seq_len"], 0).input_ids
+        steps["prepare"] = time.perf_counter() - t
+        t = time.perf_counter()
+        with torch.no_grad():
+            if job["stream"]:
+                streamer = StreamedLayers.open(path)
+                model, layers, adapter = streamer.model, streamer.layers, streamer.adapter
+            else:
+                loaded, streamer = load_model(path), None
+                model, adapter = loaded.model, loaded.adapter
+                layers = adapter.decoder_layers(model)
+            steps["load"] = time.perf_counter() - t
+            t = time.perf_counter()
+            cached = capture_layer_inputs(model, adapter, ids, job["batch_size"], torch.device("cpu"))
+            hidden = cached.hidden
+            for index, layer in enumerate(layers):
+                if streamer:
+                    streamer.load(index)
+                kwargs = [move_to_device(kw, "cpu") for kw in cached.layer_kwargs[index]]
+                hidden = run_layer(layer, hidden, kwargs)
+                if streamer:
+                    streamer.release(index, write=False)
+            steps["forward"] = time.perf_counter() - t
+        return {"steps": steps}
+
+    return run
+
+
+def _prune(job: dict) -> Callable[[], dict]:
+    """One ``moeshrink prune`` as a user runs it (output written and verified), imports done."""
+    from moeshrink.pipeline import prune
+
+    def run() -> dict:
+        out = Path(job["scratch"]) / f"out-{os.getpid()}"
+        try:
+            result = prune(
+                job["model"],
+                job["method"],
+                keep=job["keep"],
+                calib=job["calib"],
+                output=out,
+                samples=job["samples"],
+                seq_len=job["seq_len"],
+                batch_size=job["batch_size"],
+                stream=job["stream"],
+                overwrite=True,
+                progress=False,
+                method_options=job.get("options") or None,
+                verify=job.get("verify", False),
+            )
+            written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+            steps = {k: v for k, v in result.seconds.items() if k != "total"}
+            return {"steps": steps, "output_bytes": written}
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    return run
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the verification processes)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def child(job: dict) -> None:
+    """Run one measurement and print its result as one ``RESULT {json}`` line."""
     import torch
 
     torch.set_num_threads(1)
     baseline = peak_rss()
-    start = time.perf_counter()
-    extra = _floor(job) if job["kind"] == "floor" else _prune(job)
-    seconds = time.perf_counter() - start
-    print(
-        "RESULT " + json.dumps({"seconds": seconds, "peak_rss": peak_rss(), "baseline_rss": baseline} | extra)
-    )
+    run = _floor(job) if job["kind"] == FLOOR else _prune(job)
+    load_start, cpu, start = os.getloadavg(), _cpu_seconds(), time.perf_counter()
+    extra = run()
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    result = {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "load_start": list(load_start),
+        "load_end": list(os.getloadavg()),
+        "peak_rss": peak_rss(),
+        "baseline_rss": baseline,
+    }
+    print("RESULT " + json.dumps(result | extra), flush=True)
 
 
-def measure(job: dict, timeout: float) -> dict:
-    """Run one job in a fresh process and return what it reported (or the error)."""
-    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def measure(job: dict, timeout: float, source: Path | None = None, script: str = __file__) -> dict:
+    """Run one job in a fresh process (``script --child``, importing moeshrink from ``source`` when given)
+    and return what it reported (or the error)."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     try:
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", json.dumps(job)],
+            [sys.executable, script, "--child", json.dumps(job)],
             capture_output=True,
             text=True,
             env=env,
@@ -135,241 +184,471 @@ def measure(job: dict, timeout: float) -> dict:
     return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
 
 
-# ---------------------------------------------------------------- parent: the grid and the report
+# ---------------------------------------------------------------- bookkeeping (pure, tested)
 
 
-def checkpoint_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+def job_label(job: dict) -> str:
+    """The row a method run belongs to within its group, e.g. ``reap|8`` or ``reap+verify|8``."""
+    return f"{job['method']}{'+verify' if job.get('verify') else ''}|{job['keep']}"
 
 
-def _key(row: dict) -> str:
-    return (
-        f"{row['checkpoint']}|{row['kind']}|{row.get('method', '')}|{'stream' if row['stream'] else 'memory'}"
-    )
-
-
-def run_checkpoint(
-    name: str,
-    path: Path,
-    methods: list[str],
-    modes: list[bool],
-    common: dict,
-    keep: int,
-    rows: dict,
-    save,
-    timeout: float,
-    repeat: int = 1,
+def run_group(
+    group: dict,
+    jobs: list[dict],
+    repeat: int,
+    repeat_below: float,
+    measure_one: Callable[[dict], dict],
+    record: Callable[[dict], None],
 ) -> None:
-    import json as _json
+    """Measure ``jobs`` of one group interleaved with floors: F, J1, F, J2, ..., F, then again round-robin
+    for ``repeat`` passes; a job whose first run took longer than ``repeat_below`` seconds is not repeated.
+    ``measure_one`` gets a spec (``group | job | {"kind": ...}``); ``record`` gets each sample with its
+    place in the sequence (``seq``)."""
+    seq = 0
 
-    config = _json.loads((path / "config.json").read_text())
-    info = {
-        "checkpoint": name,
-        "bytes": checkpoint_bytes(path),
-        "layers": config["num_hidden_layers"],
-        "dtype": config.get("dtype") or config.get("torch_dtype"),
-    }
-    for stream in modes:
-        jobs = [dict(kind="floor")] + [dict(kind="prune", method=m) for m in methods]
+    def take(spec: dict) -> dict:
+        nonlocal seq
+        sample = {"seq": seq, "started": time.strftime("%Y-%m-%dT%H:%M:%S")} | spec | measure_one(spec)
+        seq += 1
+        record(sample)
+        return sample
+
+    first: dict[str, dict] = {}
+    take(group | {"kind": FLOOR})
+    for rep in range(repeat):
         for job in jobs:
-            method, _, opts = job.get("method", "").partition(":")
-            row = (
-                info | {"kind": job["kind"], "stream": stream} | ({"method": job["method"]} if method else {})
-            )
-            if _key(row) in rows and "error" not in rows[_key(row)]:
+            label = job_label(job)
+            done = first.get(label)
+            if rep and (done is None or "error" in done or done["seconds"] > repeat_below):
                 continue
-            spec = common | {"model": str(path), "stream": stream, "kind": job["kind"], "keep": keep}
-            if method:
-                spec |= {
-                    "method": method,
-                    "options": dict(o.split("=", 1) for o in filter(None, opts.split(","))),
+            sample = take(group | job | {"kind": "prune"})
+            first.setdefault(label, sample)
+            take(group | {"kind": FLOOR})
+
+
+def single_run(samples: Iterable[dict]) -> str:
+    """The one run id of ``samples``; a ValueError if they come from several runs (or none)."""
+    ids = {s["run_id"] for s in samples}
+    if len(ids) != 1:
+        raise ValueError(f"cost rows must come from one run, found run ids {sorted(ids)}")
+    return ids.pop()
+
+
+def group_key(sample: dict) -> str:
+    """Samples that share floors: one checkpoint, mode and calibration domain."""
+    return f"{sample['checkpoint']}|{'stream' if sample['stream'] else 'memory'}|{sample['domain']}"
+
+
+def _adjacent_floors(ordered: list[dict], index: int) -> list[dict]:
+    """The nearest successful floor before and after ``ordered[index]`` in its group's sequence."""
+    found = []
+    for step in (-1, 1):
+        i = index + step
+        while 0 <= i < len(ordered):
+            if ordered[i]["kind"] == FLOOR and "error" not in ordered[i]:
+                found.append(ordered[i])
+                break
+            i += step
+    return found
+
+
+def _load_range(samples: list[dict]) -> list[float]:
+    loads = [s[k][0] for s in samples for k in ("load_start", "load_end")]
+    return [min(loads), max(loads)]
+
+
+def summarize(samples: list[dict]) -> list[dict]:
+    """One row per (group, method, keep), each divided only by the floors run next to its own runs, plus
+    one floor row per group. Refuses samples of several runs."""
+    if not samples:
+        return []
+    run_id = single_run(samples)
+    groups: dict[str, list[dict]] = {}
+    for s in samples:
+        groups.setdefault(group_key(s), []).append(s)
+    rows = []
+    for key, members in groups.items():
+        ordered = sorted(members, key=lambda s: s["seq"])
+        info = {k: ordered[0][k] for k in ("checkpoint", "bytes", "layers", "stream", "domain")}
+        floors = [s for s in ordered if s["kind"] == FLOOR and "error" not in s]
+        if floors:
+            rows.append(
+                info
+                | {
+                    "run_id": run_id,
+                    "group": key,
+                    "kind": FLOOR,
+                    "runs": len(floors),
+                    "seconds": min(s["seconds"] for s in floors),
+                    "seconds_median": statistics.median(s["seconds"] for s in floors),
+                    "seconds_max": max(s["seconds"] for s in floors),
+                    "forward_seconds": min(s["steps"]["forward"] for s in floors),
+                    "cpu_seconds": min(s["cpu_seconds"] for s in floors),
+                    "peak_rss": max(s["peak_rss"] for s in floors),
+                    "load_1min": _load_range(floors),
                 }
-            print(
-                f"[{time.strftime('%H:%M:%S')}] {name} {'stream' if stream else 'memory'} {job.get('method', 'floor')}",
-                flush=True,
             )
-            runs = [measure(spec, timeout) for _ in range(repeat if info["bytes"] < 1e9 else 1)]
-            ok = [r for r in runs if "error" not in r]
-            row |= min(ok, key=lambda r: r["seconds"]) | {"runs": len(runs)} if ok else runs[0]
-            if ok:
-                row["peak_rss"] = max(r["peak_rss"] for r in ok)
-            print("   ", {k: row.get(k) for k in ("seconds", "peak_rss", "error")}, flush=True)
-            rows[_key(row)] = row
-            save()
+        labels = list(dict.fromkeys(job_label(s) for s in ordered if s["kind"] != FLOOR))
+        for label in labels:
+            index = [i for i, s in enumerate(ordered) if s["kind"] != FLOOR and job_label(s) == label]
+            runs = [ordered[i] for i in index]
+            ok = [s for s in runs if "error" not in s]
+            row = info | {"run_id": run_id, "group": key, "kind": "prune", "method": runs[0]["method"]}
+            row["verify"] = bool(runs[0].get("verify"))
+            row |= {"keep": runs[0]["keep"], "runs": len(runs)}
+            if not ok:
+                rows.append(row | {"error": runs[0]["error"]})
+                continue
+            adjacent = {
+                f["seq"]: f for i in index if "error" not in ordered[i] for f in _adjacent_floors(ordered, i)
+            }
+            near = list(adjacent.values())
+            best = min(ok, key=lambda s: s["seconds"])
+            row |= {
+                "seconds": best["seconds"],
+                "seconds_max": max(s["seconds"] for s in ok),
+                "steps": best["steps"],
+                "compress_seconds": min(s["steps"]["compress"] for s in ok),
+                "cpu_seconds": min(s["cpu_seconds"] for s in ok),
+                "peak_rss": max(s["peak_rss"] for s in ok),
+                "output_bytes": best.get("output_bytes"),
+                "floor_seqs": sorted(adjacent),
+                "load_1min": _load_range(ok + near),
+            }
+            if near:
+                floor = {
+                    "seconds": min(f["seconds"] for f in near),
+                    "forward": min(f["steps"]["forward"] for f in near),
+                    "cpu": min(f["cpu_seconds"] for f in near),
+                    "rss": max(f["peak_rss"] for f in near),
+                }
+                row |= {
+                    "floor_seconds": floor["seconds"],
+                    "floor_forward_seconds": floor["forward"],
+                    "time_over_floor": row["seconds"] / floor["seconds"],
+                    "cpu_over_floor": row["cpu_seconds"] / floor["cpu"],
+                    "compress_over_forward": row["compress_seconds"] / floor["forward"],
+                    "rss_over_floor": row["peak_rss"] / floor["rss"],
+                }
+            rows.append(row)
+    return rows
 
 
-def report(rows: dict, meta: dict, out: Path) -> None:
-    out.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "rows": list(rows.values())}, indent=1) + "\n"
-    )
-    floors = {
-        (r["checkpoint"], r["stream"]): r for r in rows.values() if r["kind"] == "floor" and "error" not in r
-    }
+# ---------------------------------------------------------------- the report
+
+
+def _s(seconds: float) -> str:
+    return f"{seconds:.0f}" if seconds >= 100 else f"{seconds:.1f}" if seconds >= 10 else f"{seconds:.2f}"
+
+
+def _load(row: dict) -> str:
+    low, high = row["load_1min"]
+    return f"{low:.1f}–{high:.1f}"
+
+
+def render(data: dict) -> str:
+    """OUT.md from OUT.json: one table per group, the floor first."""
+    meta, samples = data["meta"], data["samples"]
+    single_run(samples)
+    rows = summarize(samples)
+    machine, versions = meta["machine"], meta["versions"]
     gib = 2**30
     lines = [
         "# Cost benchmark",
         "",
-        "Wall time and peak resident memory of each one-shot method, as a ratio to the **floor**: one read of the",
-        "checkpoint plus one forward pass of the unpruned model over the same calibration tokens, measured in the",
-        "same run (its own process, like every row). `stream` rows read, prune and write one decoder layer at a",
-        "time (`moeshrink prune --stream`); `memory` rows load the whole model. Method times include writing the",
-        "output; the floor writes nothing. Produced by `benchmarks/cost.py`; raw numbers in `cost.json`.",
+        "Wall time and peak resident memory of each method, as a ratio to the **floor**: tokenizing the",
+        "calibration text, one read of the checkpoint and one forward pass of the unpruned model over the same",
+        "calibration tokens, layer by layer as the methods run it. The floors are measured in the same run,",
+        "interleaved with the methods (floor, method, floor, method, ..., floor): each ratio divides a method's",
+        "fastest run by the fastest of the floors run just before and just after its runs. Every measurement is",
+        "its own process with one thread. A method's time is a whole `moeshrink prune` with `--output`: it also",
+        "writes the output (the `export` step; the floor writes nothing). Outputs are not verified",
+        "(as with `MOESHRINK_VERIFY=0`) except in the rows marked *output verified*: verification, on by default, loads",
+        "the output in a fresh process and compares it with the model in memory, a cost that does not depend on",
+        "the method.",
+        "`compress / forward` compares the part that differs between methods (collecting the statistics,",
+        "running the method, re-running each changed layer) with the floor's forward pass alone.",
         "",
-        f"Machine: {meta['machine']}. Calibration: {meta['samples']} sequences x {meta['seq_len']} tokens, batch "
-        f"{meta['batch_size']}, one thread. Experts kept: half. Free disk at the start: {meta['free_disk_gb']:.0f} GB.",
+        f"Run `{meta['run_id']}`, {meta['started']} to {meta.get('finished', '(unfinished)')}:",
         "",
-        "| checkpoint | GB | layers | mode | method | seconds | time / floor | peak RSS GiB | RSS / floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"    {meta['command']}",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "
+        f"{machine['ram_gib']:.0f} GiB RAM, {machine['system']}; AVX-512: {'yes' if machine['avx512'] else 'no'}. "
+        f"Python {versions['python']}, torch {versions['torch']}, transformers {versions['transformers']}, "
+        f"moeshrink {versions['moeshrink']} (commit {versions['commit'][:10]}, {meta.get('source', 'working tree')}). "
+        f"1-minute load average {meta['load_start'][0]:.1f} at the start, "
+        f"{meta.get('load_end', [float('nan')])[0]:.1f} at the end.",
+        "",
+        f"Calibration: {meta['samples']} sequences x {meta['seq_len']} tokens of one domain's calib split, "
+        f"batch {meta['batch_size']}, one thread; best of {meta['repeat']} for methods whose first run took "
+        f"at most {meta['repeat_below']:g} s, best of 1 above. `load` is the range of the 1-minute load "
+        "average at the start and end of the row's runs and of its floors (2 cores: above 2, other work "
+        "was waiting for a core).",
+        "",
     ]
-    order = sorted(
-        rows.values(), key=lambda r: (r["bytes"], not r["stream"], r["kind"] != "floor", r.get("method", ""))
+    header = (
+        "| keep | method | runs | seconds | floor s | time / floor | CPU / floor | compress s | forward s "
+        "| compress / forward | export s | peak RSS GiB | RSS / floor | load |"
     )
-    for r in order:
-        floor = floors.get((r["checkpoint"], r["stream"]))
-        mode = "stream" if r["stream"] else "memory"
-        what = r.get("method", "**floor**")
-        if "error" in r:
-            lines.append(
-                f"| {r['checkpoint']} | {r['bytes'] / 1e9:.2f} | {r['layers']} | {mode} | {what} | {r['error']} | | | |"
-            )
-            continue
-        ratio_t = f"{r['seconds'] / floor['seconds']:.2f}" if floor else ""
-        ratio_m = f"{r['peak_rss'] / floor['peak_rss']:.2f}" if floor else ""
-        lines.append(
-            f"| {r['checkpoint']} | {r['bytes'] / 1e9:.2f} | {r['layers']} | {mode} | {what} | {r['seconds']:.1f} | "
-            f"{ratio_t} | {r['peak_rss'] / gib:.2f} | {ratio_m} |"
-        )
-    lines += ["", *_summary(rows, floors), "", *meta.get("notes", [])]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
-
-def _summary(rows: dict, floors: dict) -> list[str]:
-    """Streamed runs against checkpoint size: time / floor and peak RSS per method."""
-    streamed = [r for r in rows.values() if r["stream"] and "error" not in r]
-    sizes = sorted({(r["bytes"], r["checkpoint"]) for r in streamed})
-    methods = ["floor"] + sorted({r["method"] for r in streamed if r["kind"] == "prune"})
-    cell = {(r["checkpoint"], r.get("method", "floor")): r for r in streamed}
-    head = "| method | " + " | ".join(f"{b / 1e9:.2f} GB" for b, _ in sizes) + " |"
-    rule = "|---|" + "---|" * len(sizes)
-    lines = ["## Streamed: against checkpoint size", "", "Seconds (time / floor):", "", head, rule]
-    for m in methods:
-        values = []
-        for _, name in sizes:
-            r, floor = cell.get((name, m)), floors.get((name, True))
-            secs = "" if r is None else f"{r['seconds']:.1f}" if r["seconds"] < 100 else f"{r['seconds']:.0f}"
-            values.append(f"{secs} ({r['seconds'] / floor['seconds']:.2f})" if r and floor else "")
-        lines.append(f"| {m} | " + " | ".join(values) + " |")
-    lines += ["", "Peak RSS, GiB:", "", head, rule]
-    for m in methods:
-        values = [
-            f"{cell[(name, m)]['peak_rss'] / 2**30:.2f}" if (name, m) in cell else "" for _, name in sizes
+    for key in dict.fromkeys(r["group"] for r in rows):
+        group = [r for r in rows if r["group"] == key]
+        first = group[0]
+        mode = "streamed" if first["stream"] else "in memory"
+        lines += [
+            f"## {first['checkpoint']} ({first['bytes'] / 1e9:.2f} GB, {first['layers']} layers), {mode}, "
+            f"calibrated on {first['domain']}",
+            "",
+            header,
+            "|" + "---|" * 14,
         ]
-        lines.append(f"| {m} | " + " | ".join(values) + " |")
-    return lines
+        for r in group:
+            if r["kind"] == FLOOR:
+                lines.append(
+                    f"| | **floor** | {r['runs']} | {_s(r['seconds'])} (median {_s(r['seconds_median'])}, "
+                    f"max {_s(r['seconds_max'])}) | | | | | {_s(r['forward_seconds'])} | | | "
+                    f"{r['peak_rss'] / gib:.2f} | | {_load(r)} |"
+                )
+                continue
+            if "error" in r:
+                lines.append(f"| {r['keep']} | {r['method']} | {r['runs']} | {r['error']} |" + " |" * 10)
+                continue
+            ratio = "floor_seconds" in r
+            what = f"{r['method']}, output verified" if r.get("verify") else r["method"]
+            cells = [str(r["keep"]), what, str(r["runs"]), _s(r["seconds"])]
+            cells += (
+                [_s(r["floor_seconds"]), f"{r['time_over_floor']:.2f}", f"{r['cpu_over_floor']:.2f}"]
+                if ratio
+                else ["", "", ""]
+            )
+            cells += [_s(r["compress_seconds"])]
+            cells += (
+                [_s(r["floor_forward_seconds"]), f"{r['compress_over_forward']:.2f}"] if ratio else ["", ""]
+            )
+            cells += [_s(r["steps"].get("export", 0.0)), f"{r['peak_rss'] / gib:.2f}"]
+            cells += [f"{r['rss_over_floor']:.2f}" if ratio else "", _load(r)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += meta.get("notes", [])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _cpu_model() -> tuple[str, bool]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return model or platform.processor() or platform.machine(), "avx512f" in flags
+
+
+def machine_info() -> dict:
+    """The CPU model, cores and RAM of this machine."""
+    cpu, avx512 = _cpu_model()
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "cpu": cpu,
+        "arch": platform.machine(),
+        "avx512": avx512,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ram_gib": ram / 2**30,
+        "system": f"{platform.system()} {platform.release()}",
+    }
+
+
+def versions() -> dict:
+    """Python, torch, transformers and moeshrink versions and the git commit of this tree."""
+    import torch
+    import transformers
+
+    from moeshrink import __version__
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "moeshrink": __version__,
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "working_tree_src_modified": bool(git("status", "--porcelain", "--", "src")),
+    }
+
+
+def _checkpoint_info(name: str, path: Path) -> dict:
+    config = json.loads((path / "config.json").read_text())
+    return {
+        "checkpoint": name,
+        "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+        "layers": config["num_hidden_layers"],
+    }
+
+
+def snapshot_source(scratch: Path) -> Path:
+    """``src/`` of the committed HEAD, unpacked under ``scratch``: every process of a run imports the same
+    code, whatever is edited in the working tree meanwhile."""
+    archive = subprocess.run(
+        ["git", "archive", "HEAD", "src/moeshrink"], cwd=HERE.parent, capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(scratch)], input=archive.stdout, check=True)
+    return scratch / "src"
+
+
+def _freeze_calibration(domains: list[str], corpus: Path, scratch: Path) -> dict[str, dict]:
+    """Copy each domain's calib split into the scratch directory (other work may rewrite the corpus)."""
+    frozen = {}
+    for domain in domains:
+        source = corpus / domain / "calib.jsonl"
+        copy = scratch / f"calib-{domain}.jsonl"
+        shutil.copyfile(source, copy)
+        frozen[domain] = {"path": str(copy), "sha256": hashlib.sha256(copy.read_bytes()).hexdigest()}
+    return frozen
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "cost")
-    parser.add_argument("--methods", nargs="+", default=["frequency", "reap", "msmoe", "hcsmoe"])
-    parser.add_argument("--synthetic-methods", nargs="+", default=["frequency", "reap", "msmoe"])
-    parser.add_argument("--big-methods", nargs="+", default=["frequency"])
-    parser.add_argument("--sizes", type=float, nargs="*", default=[1, 4, 16], help="synthetic sizes in GB")
     parser.add_argument(
-        "--big", type=float, default=None, help="one more synthetic size (GB), larger than RAM"
+        "--methods", nargs="+", default=PRUNING + MERGING, help="on the testbed; NAME[:k=v,...]"
     )
+    parser.add_argument("--keep", type=int, nargs="+", default=[8, 4], help="experts kept on the testbed")
+    parser.add_argument(
+        "--verified",
+        nargs="*",
+        default=["frequency"],
+        help="methods also run with the output verified (moeshrink's default), at the first --keep",
+    )
+    parser.add_argument("--calib-domains", nargs="+", default=["wiki"])
+    parser.add_argument("--modes", nargs="+", choices=["memory", "stream"], default=["memory"])
     parser.add_argument("--skip-testbed", action="store_true")
+    parser.add_argument("--sizes", type=float, nargs="*", default=[], help="synthetic sizes in GB (streamed)")
+    parser.add_argument("--synthetic-methods", nargs="+", default=["frequency", "reap", "msmoe:align=none"])
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/moeshrink-cost"))
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--repeat", type=int, default=3, help="passes over the jobs (best of N)")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="runs per job on checkpoints under 1 GB (fastest kept)"
+        "--repeat-below", type=float, default=60, help="repeat only methods whose first run took at most this"
+    )
+    parser.add_argument(
+        "--working-tree", action="store_true", help="import moeshrink as it is now, not the committed HEAD"
     )
     parser.add_argument("--report-only", action="store_true", help="rewrite OUT.md from OUT.json")
-    parser.add_argument("--note", action="append", default=[], help="a line for the notes under the table")
+    parser.add_argument("--notes", type=Path, help="markdown appended under the tables (kept in OUT.json)")
     args = parser.parse_args()
     if args.child:
         child(json.loads(args.child))
         return
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.scratch.mkdir(parents=True, exist_ok=True)
-    previous = (
-        json.loads(args.out.with_suffix(".json").read_text())
-        if args.out.with_suffix(".json").is_file()
-        else {}
-    )
-    rows = {_key(r): r for r in previous.get("rows", [])}
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    meta = previous.get("meta") or {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {mem / 2**30:.0f} GiB RAM, {platform.system()}",
-        "free_disk_gb": shutil.disk_usage(args.scratch).free / 1e9,
-        "samples": args.samples,
-        "seq_len": args.seq_len,
-        "batch_size": args.batch_size,
-        "ram_bytes": mem,
-        "notes": [],
-    }
-    common = {
-        "calib": str(corpus_dir() / "wiki" / "calib.jsonl"),
-        "samples": args.samples,
-        "seq_len": args.seq_len,
-        "batch_size": args.batch_size,
-        "scratch": str(args.scratch),
-    }
-
-    meta["notes"] = meta.get("notes", []) + args.note
-
-    def save() -> None:
-        report(rows, meta, args.out)
-
+    json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
     if args.report_only:
-        save()
+        data = json.loads(json_path.read_text())
+        if args.notes:
+            data["meta"]["notes"] = ["## Notes", "", *args.notes.read_text().splitlines()]
+        data["rows"] = summarize(data["samples"])
+        json_path.write_text(json.dumps(data, indent=1) + "\n")
+        md_path.write_text(render(data))
         return
 
+    from moeshrink.testbed import paths
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    scratch = args.scratch / run_id
+    scratch.mkdir(parents=True)
+    source = None if args.working_tree else snapshot_source(scratch)
+    script = shutil.copy(__file__, scratch / "cost.py")  # this file may be edited while the run goes on
+    data_dir = source / "moeshrink" / "testbed" / "data" if source else paths.DATA
+    calib = _freeze_calibration(args.calib_domains, data_dir / "corpus", scratch)
+    meta: dict[str, Any] = {
+        "run_id": run_id,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": "python benchmarks/cost.py " + " ".join(sys.argv[1:]),
+        "machine": machine_info(),
+        "versions": versions(),
+        "source": "working tree" if source is None else "git HEAD (src/ unpacked for the run)",
+        "threads": 1,
+        "load_start": list(os.getloadavg()),
+        "samples": args.samples,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "repeat": args.repeat,
+        "repeat_below": args.repeat_below,
+        "calibration": calib,
+        "notes": ["## Notes", "", *args.notes.read_text().splitlines()] if args.notes else [],
+    }
+    data: dict[str, Any] = {"meta": meta, "samples": [], "rows": []}
+
+    def record(sample: dict) -> None:
+        data["samples"].append(sample | {"run_id": run_id})
+        what = sample.get("method", FLOOR) + (f" keep {sample['keep']}" if "keep" in sample else "")
+        took = f"{sample['seconds']:.2f}s" if "seconds" in sample else sample.get("error")
+        print(f"[{sample['started']}] {group_key(sample)} #{sample['seq']} {what}: {took}", flush=True)
+        json_path.write_text(json.dumps(data, indent=1) + "\n")  # a crashed run leaves what it measured
+
+    def spec_of(common: dict) -> Callable[[dict], dict]:
+        def measure_one(spec: dict) -> dict:
+            job = common | {k: spec[k] for k in ("model", "stream", "kind")}
+            if spec["kind"] != FLOOR:
+                method, _, opts = spec["method"].partition(":")
+                options = dict(o.split("=", 1) for o in filter(None, opts.split(",")))
+                job |= {"method": method, "options": options, "keep": spec["keep"]}
+                job["verify"] = spec.get("verify", False)
+            return measure(job, args.timeout, source, str(script))
+
+        return measure_one
+
+    settings = {"samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size}
+    settings |= {"scratch": str(scratch)}
+    # (name, path, jobs, modes, domains); synthetic checkpoints are written just before their rows
+    plan: list[tuple[str, Path, list[dict], list[bool], list[str]]] = []
     if not args.skip_testbed:
-        run_checkpoint(
-            "testbed",
-            testbed_model_dir(),
-            args.methods,
-            [False, True],
-            common,
-            8,
-            rows,
-            save,
-            args.timeout,
-            args.repeat,
-        )
-    sizes = [(s, args.synthetic_methods) for s in args.sizes] + (
-        [(args.big, args.big_methods)] if args.big else []
-    )
-    for size, methods in sizes:
+        jobs = [{"method": m, "keep": k} for k in args.keep for m in args.methods]
+        jobs += [{"method": m, "keep": args.keep[0], "verify": True} for m in args.verified]
+        modes = [m == "stream" for m in args.modes]
+        plan.append(("testbed", data_dir / "moeshrink-tiny", jobs, modes, args.calib_domains))
+    for size in args.sizes:
         name = f"synthetic-{size:g}GB"
-        path = args.scratch / name
-        done = all(
-            _key({"checkpoint": name, "kind": k, "method": m, "stream": True}) in rows
-            for k, m in [("floor", "")] + [("prune", m) for m in methods]
-        )
-        if done:
-            continue
-        free = shutil.disk_usage(args.scratch).free
-        if not path.exists():
-            print(f"[{time.strftime('%H:%M:%S')}] writing {name} ({free / 1e9:.0f} GB free)", flush=True)
-            t = time.perf_counter()
-            subprocess.run(
-                [sys.executable, str(HERE / "make_synthetic.py"), "--size-gb", str(size), "--out", str(path)],
-                check=True,
-                env=os.environ | {"OMP_NUM_THREADS": "1"},
-            )
-            meta.setdefault("generation_seconds", {})[name] = time.perf_counter() - t
-        try:
-            run_checkpoint(name, path, methods, [True], common, 4, rows, save, args.timeout)
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
-    save()
+        jobs = [{"method": m, "keep": 4} for m in args.synthetic_methods]
+        plan.append((name, scratch / name, jobs, [True], args.calib_domains[:1]))
+    try:
+        for name, path, jobs, modes, domains in plan:
+            if not path.exists():
+                size = name.removeprefix("synthetic-").removesuffix("GB")
+                make = [
+                    sys.executable,
+                    str(HERE / "make_synthetic.py"),
+                    "--size-gb",
+                    size,
+                    "--out",
+                    str(path),
+                ]
+                subprocess.run(make, check=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+            info = _checkpoint_info(name, path)
+            try:
+                for stream in modes:
+                    for domain in domains:
+                        group = info | {"model": str(path), "stream": stream, "domain": domain}
+                        common = settings | {"calib": calib[domain]["path"]}
+                        run_group(group, jobs, args.repeat, args.repeat_below, spec_of(common), record)
+            finally:
+                if name != "testbed":
+                    shutil.rmtree(path, ignore_errors=True)
+    finally:
+        meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        meta["load_end"] = list(os.getloadavg())
+        data["rows"] = summarize(data["samples"])
+        json_path.write_text(json.dumps(data, indent=1) + "\n")
+        md_path.write_text(render(data))
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"wrote {json_path} and {md_path}")
 
 
 if __name__ == "__main__":
