@@ -86,7 +86,7 @@ def _floor(job: dict) -> Callable[[], dict]:
                 model, adapter = loaded.model, loaded.adapter
                 layers = adapter.decoder_layers(model)
             steps["load"] = time.perf_counter() - t
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             cached = capture_layer_inputs(model, adapter, ids, job["batch_size"], torch.device("cpu"))
             hidden = cached.hidden
             for index, layer in enumerate(layers):
@@ -97,14 +97,29 @@ def _floor(job: dict) -> Callable[[], dict]:
                 if streamer:
                     streamer.release(index, write=False)
             steps["forward"] = time.perf_counter() - t
-        return {"steps": steps}
+        return {"steps": steps, "cpu_steps": {"forward": time.process_time() - cpu}}
 
     return run
 
 
 def _prune(job: dict) -> Callable[[], dict]:
-    """One ``moeshrink prune`` as a user runs it (output written and verified), imports done."""
+    """One ``moeshrink prune`` as a user runs it (output written, verified if asked), imports done. The
+    CPU seconds of its layer loop (statistics, method, re-run of the changed layers: nearly all of its
+    ``compress`` step) are taken around ``run_steps``."""
+    import moeshrink.job
     from moeshrink.pipeline import prune
+
+    cpu_steps: dict[str, float] = {}
+    run_steps = moeshrink.job.run_steps
+
+    def timed_run_steps(*args: Any, **kwargs: Any) -> Any:
+        start = time.process_time()
+        try:
+            return run_steps(*args, **kwargs)
+        finally:
+            cpu_steps["compress"] = cpu_steps.get("compress", 0.0) + time.process_time() - start
+
+    moeshrink.job.run_steps = timed_run_steps
 
     def run() -> dict:
         out = Path(job["scratch"]) / f"out-{os.getpid()}"
@@ -126,7 +141,7 @@ def _prune(job: dict) -> Callable[[], dict]:
             )
             written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
             steps = {k: v for k, v in result.seconds.items() if k != "total"}
-            return {"steps": steps, "output_bytes": written}
+            return {"steps": steps, "cpu_steps": cpu_steps, "output_bytes": written}
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
@@ -284,6 +299,7 @@ def summarize(samples: list[dict]) -> list[dict]:
                     "seconds_max": max(s["seconds"] for s in floors),
                     "forward_seconds": min(s["steps"]["forward"] for s in floors),
                     "cpu_seconds": min(s["cpu_seconds"] for s in floors),
+                    "forward_cpu_seconds": min(s["cpu_steps"]["forward"] for s in floors),
                     "peak_rss": max(s["peak_rss"] for s in floors),
                     "load_1min": _load_range(floors),
                 }
@@ -310,6 +326,7 @@ def summarize(samples: list[dict]) -> list[dict]:
                 "steps": best["steps"],
                 "compress_seconds": min(s["steps"]["compress"] for s in ok),
                 "cpu_seconds": min(s["cpu_seconds"] for s in ok),
+                "compress_cpu_seconds": min(s["cpu_steps"]["compress"] for s in ok),
                 "peak_rss": max(s["peak_rss"] for s in ok),
                 "output_bytes": best.get("output_bytes"),
                 "floor_seqs": sorted(adjacent),
@@ -320,14 +337,18 @@ def summarize(samples: list[dict]) -> list[dict]:
                     "seconds": min(f["seconds"] for f in near),
                     "forward": min(f["steps"]["forward"] for f in near),
                     "cpu": min(f["cpu_seconds"] for f in near),
+                    "forward_cpu": min(f["cpu_steps"]["forward"] for f in near),
                     "rss": max(f["peak_rss"] for f in near),
                 }
                 row |= {
                     "floor_seconds": floor["seconds"],
                     "floor_forward_seconds": floor["forward"],
+                    "floor_cpu_seconds": floor["cpu"],
+                    "floor_forward_cpu_seconds": floor["forward_cpu"],
                     "time_over_floor": row["seconds"] / floor["seconds"],
                     "cpu_over_floor": row["cpu_seconds"] / floor["cpu"],
                     "compress_over_forward": row["compress_seconds"] / floor["forward"],
+                    "compress_cpu_over_forward_cpu": row["compress_cpu_seconds"] / floor["forward_cpu"],
                     "rss_over_floor": row["peak_rss"] / floor["rss"],
                 }
             rows.append(row)
@@ -346,28 +367,70 @@ def _load(row: dict) -> str:
     return f"{low:.1f}–{high:.1f}"
 
 
+def _table_row(r: dict, width: int) -> str:
+    """One markdown row of the per-group table (see ``render`` for the columns)."""
+    gib = 2**30
+    if r["kind"] == FLOOR:
+        cells = [
+            "",
+            "**floor**",
+            str(r["runs"]),
+            _s(r["cpu_seconds"]),
+            "",
+            "",
+            "",
+            _s(r["forward_cpu_seconds"]),
+        ]
+        cells += ["", f"{_s(r['seconds'])} (median {_s(r['seconds_median'])}, max {_s(r['seconds_max'])})"]
+        cells += ["", "", "", f"{r['peak_rss'] / gib:.2f}", "", _load(r)]
+    elif "error" in r:
+        cells = [str(r["keep"]), r["method"], str(r["runs"]), r["error"]] + [""] * (width - 4)
+    else:
+        what = f"{r['method']}, output verified" if r.get("verify") else r["method"]
+        ratio = "floor_seconds" in r
+
+        def of(key: str, fmt: Callable[[float], str] = lambda v: f"{v:.2f}") -> str:
+            return fmt(r[key]) if ratio else ""
+
+        cells = [str(r["keep"]), what, str(r["runs"]), _s(r["cpu_seconds"]), of("floor_cpu_seconds", _s)]
+        cells += [
+            f"**{of('cpu_over_floor')}**",
+            _s(r["compress_cpu_seconds"]),
+            of("floor_forward_cpu_seconds", _s),
+        ]
+        cells += [f"**{of('compress_cpu_over_forward_cpu')}**", _s(r["seconds"]), of("floor_seconds", _s)]
+        cells += [of("time_over_floor"), of("compress_over_forward"), f"{r['peak_rss'] / gib:.2f}"]
+        cells += [of("rss_over_floor"), _load(r)]
+    return "| " + " | ".join(cells) + " |"
+
+
 def render(data: dict) -> str:
     """OUT.md from OUT.json: one table per group, the floor first."""
     meta, samples = data["meta"], data["samples"]
     single_run(samples)
     rows = summarize(samples)
     machine, versions = meta["machine"], meta["versions"]
-    gib = 2**30
     lines = [
         "# Cost benchmark",
         "",
-        "Wall time and peak resident memory of each method, as a ratio to the **floor**: tokenizing the",
-        "calibration text, one read of the checkpoint and one forward pass of the unpruned model over the same",
-        "calibration tokens, layer by layer as the methods run it. The floors are measured in the same run,",
+        "Time and peak resident memory of each method, as a ratio to the **floor**: tokenizing the calibration",
+        "text, one read of the checkpoint and one pass of the calibration tokens through every decoder layer of",
+        "the unpruned model, layer by layer as the methods run them. The floors are measured in the same run,",
         "interleaved with the methods (floor, method, floor, method, ..., floor): each ratio divides a method's",
-        "fastest run by the fastest of the floors run just before and just after its runs. Every measurement is",
-        "its own process with one thread. A method's time is a whole `moeshrink prune` with `--output`: it also",
-        "writes the output (the `export` step; the floor writes nothing). Outputs are not verified",
-        "(as with `MOESHRINK_VERIFY=0`) except in the rows marked *output verified*: verification, on by default, loads",
-        "the output in a fresh process and compares it with the model in memory, a cost that does not depend on",
-        "the method.",
-        "`compress / forward` compares the part that differs between methods (collecting the statistics,",
-        "running the method, re-running each changed layer) with the floor's forward pass alone.",
+        "fastest run by the fastest of the floors run just before and just after its own runs. Every",
+        "measurement is its own process with one thread (`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)`).",
+        "",
+        "- **CPU / floor**: CPU seconds of the whole `moeshrink prune --output` against the floor's. CPU time",
+        "  is what the work costs; wall time on a shared machine also counts the time spent waiting for a core.",
+        "- **compress / forward, CPU**: the part that differs between methods (the layer loop: the forward",
+        "  pass collecting statistics, the method, the re-run of each changed layer) against the floor's",
+        "  forward pass alone, CPU seconds. Both runs read the same tokens.",
+        "- wall columns: the same in elapsed seconds, as measured; `load` shows how busy the machine was.",
+        "",
+        "A method also writes its output (the floor writes nothing). Outputs are not verified (as with",
+        "`MOESHRINK_VERIFY=0`) except in the rows marked *output verified*: verification, on by default, loads",
+        "the output in a fresh process and compares it with the model in memory, a cost that does not depend",
+        "on the method. Produced by `benchmarks/cost.py`; every single measurement is in `cost.json`.",
         "",
         f"Run `{meta['run_id']}`, {meta['started']} to {meta.get('finished', '(unfinished)')}:",
         "",
@@ -383,14 +446,28 @@ def render(data: dict) -> str:
         f"Calibration: {meta['samples']} sequences x {meta['seq_len']} tokens of one domain's calib split, "
         f"batch {meta['batch_size']}, one thread; best of {meta['repeat']} for methods whose first run took "
         f"at most {meta['repeat_below']:g} s, best of 1 above. `load` is the range of the 1-minute load "
-        "average at the start and end of the row's runs and of its floors (2 cores: above 2, other work "
-        "was waiting for a core).",
+        "average at the start and end of the row's runs and of its floors (above the number of cores, other "
+        "work was waiting for a core).",
         "",
     ]
-    header = (
-        "| keep | method | runs | seconds | floor s | time / floor | CPU / floor | compress s | forward s "
-        "| compress / forward | export s | peak RSS GiB | RSS / floor | load |"
-    )
+    columns = [
+        "keep",
+        "method",
+        "runs",
+        "CPU s",
+        "floor CPU s",
+        "**CPU / floor**",
+        "compress CPU s",
+        "forward CPU s",
+        "**compress / forward, CPU**",
+        "wall s",
+        "floor wall s",
+        "wall / floor",
+        "compress / forward, wall",
+        "peak RSS GiB",
+        "RSS / floor",
+        "load",
+    ]
     for key in dict.fromkeys(r["group"] for r in rows):
         group = [r for r in rows if r["group"] == key]
         first = group[0]
@@ -399,35 +476,10 @@ def render(data: dict) -> str:
             f"## {first['checkpoint']} ({first['bytes'] / 1e9:.2f} GB, {first['layers']} layers), {mode}, "
             f"calibrated on {first['domain']}",
             "",
-            header,
-            "|" + "---|" * 14,
+            "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns),
         ]
-        for r in group:
-            if r["kind"] == FLOOR:
-                lines.append(
-                    f"| | **floor** | {r['runs']} | {_s(r['seconds'])} (median {_s(r['seconds_median'])}, "
-                    f"max {_s(r['seconds_max'])}) | | | | | {_s(r['forward_seconds'])} | | | "
-                    f"{r['peak_rss'] / gib:.2f} | | {_load(r)} |"
-                )
-                continue
-            if "error" in r:
-                lines.append(f"| {r['keep']} | {r['method']} | {r['runs']} | {r['error']} |" + " |" * 10)
-                continue
-            ratio = "floor_seconds" in r
-            what = f"{r['method']}, output verified" if r.get("verify") else r["method"]
-            cells = [str(r["keep"]), what, str(r["runs"]), _s(r["seconds"])]
-            cells += (
-                [_s(r["floor_seconds"]), f"{r['time_over_floor']:.2f}", f"{r['cpu_over_floor']:.2f}"]
-                if ratio
-                else ["", "", ""]
-            )
-            cells += [_s(r["compress_seconds"])]
-            cells += (
-                [_s(r["floor_forward_seconds"]), f"{r['compress_over_forward']:.2f}"] if ratio else ["", ""]
-            )
-            cells += [_s(r["steps"].get("export", 0.0)), f"{r['peak_rss'] / gib:.2f}"]
-            cells += [f"{r['rss_over_floor']:.2f}" if ratio else "", _load(r)]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += [_table_row(r, len(columns)) for r in group]
         lines.append("")
     lines += meta.get("notes", [])
     return "\n".join(lines).rstrip() + "\n"

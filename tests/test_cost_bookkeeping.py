@@ -29,7 +29,9 @@ def fake_measure(seconds: dict[str, list[float]]):
             return {"error": "boom"}
         load = float(next(counter))
         steps = {"forward": s / 2} if what == cost.FLOOR else {"compress": s / 2, "export": 0.1}
+        cpu_steps = {"forward": s / 4} if what == cost.FLOOR else {"compress": s / 4}
         return {
+            "cpu_steps": cpu_steps,
             "seconds": s,
             "cpu_seconds": s,
             "load_start": [load, 0, 0],
@@ -68,6 +70,7 @@ def test_each_row_divides_by_its_adjacent_floors_only():
     assert reap["time_over_floor"] == pytest.approx(2.5 / 0.5)
     assert msmoe["floor_seqs"] == [2, 4, 6, 8] and msmoe["floor_seconds"] == 0.5
     assert msmoe["compress_over_forward"] == pytest.approx(4.0 / 0.25)
+    assert msmoe["compress_cpu_over_forward_cpu"] == pytest.approx(2.0 / 0.125)
     assert floor["runs"] == 5 and floor["seconds"] == 0.5 and floor["seconds_max"] == 10.0
     assert reap["load_1min"][0] <= reap["load_1min"][1]
 
@@ -117,4 +120,7 @@ def test_render_names_the_run_and_the_load():
     }
     text = cost.render({"meta": meta, "samples": samples})
     assert "Run `r1`" in text and "| 8 | reap | 1 | boom |" in text and "calibrated on pydoc" in text
-    assert "| 4 | ean | 1 | 3.00 | 1.00 | 3.00 |" in text
+    assert (
+        "| 4 | ean | 1 | 3.00 | 1.00 | **3.00** | 0.75 | 0.25 | **3.00** | 3.00 | 1.00 | 3.00 | 3.00 |"
+        in text
+    )
