@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import moeshrink
+from moeshrink.arch import split_router_output
 from moeshrink.engine.observers import LayerStats
 from moeshrink.methods import LayerBudget, get_method
 from moeshrink.methods.clustering import kmeans, spectral_clusters
@@ -204,7 +205,7 @@ def test_refit_solves_the_weighted_least_squares_problem():
     layer = ADAPTERS["mixtral"].moe_layers(model)[0]
     x = torch.randn(300, layer.hidden_size)
     with torch.no_grad():
-        logits = layer.router(x)[0]
+        logits = split_router_output(layer.router(x))[0]
     experts = [NewExpert(sources=[0, 1], weights=[0.5, 0.5], router_weights=[0.5, 0.5])]
     experts += [NewExpert.keep(j) for j in range(2, 8)]
     plan = LayerPlan(layer=layer.index, num_experts_before=8, experts=experts)

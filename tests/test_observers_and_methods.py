@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moeshrink.arch import ADAPTERS
+from moeshrink.arch import ADAPTERS, split_router_output
 from moeshrink.engine.observers import STATISTICS, LayerObserver
 from moeshrink.methods import LayerBudget, get_method, top_scores
 from moeshrink.testbed.tiny import randomize_routers, tiny_config
@@ -24,7 +24,7 @@ def test_observer_statistics_match_brute_force(family):
     stats = observer.stats
     flat = hidden.reshape(-1, layer.hidden_size)
     with torch.no_grad():
-        logits, weights, index = layer.router(flat)
+        logits, weights, index = split_router_output(layer.router(flat))
     n = layer.num_experts
     counts = torch.zeros(n, dtype=torch.float64)
     co = torch.zeros(n, n, dtype=torch.float64)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moeshrink.arch import ADAPTERS
+from moeshrink.arch import ADAPTERS, split_router_output
 from moeshrink.search.fitness import expert_rows
 from moeshrink.surgery import RouterState, apply_layer_plan, install_router, installed_router
 
@@ -101,7 +101,7 @@ def test_top_k_and_masked_route_then_restore(family, checkpoints):
             assert layer.top_k == 1 and all(
                 m.top_k == 1 for m in (layer.block, layer.router) if hasattr(m, "top_k")
             )
-            _, weights, index = layer.router(torch.randn(7, layer.hidden_size))
+            _, weights, index = split_router_output(layer.router(torch.randn(7, layer.hidden_size)))
             assert index.shape == (7, 1) and bool(allowed[index].all())
             model(input_ids=ids)
         assert seen and set(seen) == {layer.num_experts}  # the route saw all E original logits
@@ -145,7 +145,7 @@ def test_source_and_source_top_k(checkpoints):
         return logits, weights, index
 
     with torch.no_grad(), installed_router(layer, route, source=source, source_top_k=layer.num_experts):
-        logits, _, _ = layer.router(hidden)
+        logits, _, _ = split_router_output(layer.router(hidden))
         assert torch.equal(logits, expected)
         assert ks == [layer.top_k] and source.top_k == layer.top_k  # put back before routing
     _assert_same(before, _snapshot(layer))
@@ -174,7 +174,7 @@ def test_restore_rows_after_surgery_then_full_restore(family, checkpoints):
 
     install_router(layer, route, top_k=2, source_top_k=state.top_k[layer.router])
     with torch.no_grad():
-        logits, _, index = layer.router(torch.randn(4, layer.hidden_size))
+        logits, _, index = split_router_output(layer.router(torch.randn(4, layer.hidden_size)))
     assert logits.shape == (4, 4) and int(index.max()) < 4
     state.restore()
     _assert_same(before, _snapshot(layer))

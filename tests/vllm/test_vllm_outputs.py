@@ -33,6 +33,9 @@ FAMILIES = {
     "qwen3_moe": (dict(head_dim=32), 4),
     "olmoe": (HEADS, 4),
     "deepseek_v3": (dict(HEADS, kv_lora_rank=512, qk_rope_head_dim=64, topk_method="noaux_tc"), 6),
+    "phimoe": (HEADS, 4),
+    "granitemoe": (HEADS, 4),
+    "gpt_oss": (dict(HEADS, head_dim=32), 4),
 }
 # vLLM's own DeepSeek classes differ from transformers by ~0.05 in float32 on unpruned tiny models.
 FAMILY_TOLERANCE = {"deepseek_v3": 0.15}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from moeshrink.arch import deepseek, gpt_oss, granitemoe, mixtral, olmoe, phimoe, qwen_moe
 from moeshrink.arch.adapter import FamilyAdapter, GroupedFamilyAdapter
-from moeshrink.arch.base import ExpertTensor, MoELayer
+from moeshrink.arch.base import ExpertTensor, MoELayer, join_router_output, split_router_output
 from moeshrink.errors import MoeShrinkError
 
 ADAPTERS: dict[str, FamilyAdapter] = {
@@ -52,4 +52,13 @@ def get_adapter(config) -> FamilyAdapter:
     raise MoeShrinkError(f"model family '{model_type}' is not supported yet; supported families: {supported}")
 
 
-__all__ = ["ADAPTERS", "ExpertTensor", "FamilyAdapter", "GroupedFamilyAdapter", "MoELayer", "get_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "ExpertTensor",
+    "FamilyAdapter",
+    "GroupedFamilyAdapter",
+    "MoELayer",
+    "get_adapter",
+    "join_router_output",
+    "split_router_output",
+]

@@ -2,7 +2,8 @@
 
 transformers 5.x keeps a layer's experts fused in one module (``experts.gate_up_proj [E, ...]``,
 ``experts.down_proj [E, ...]``) behind a router module that returns
-``(router_logits, top_k_weights, top_k_index)``. A family adapter says where those modules are,
+``(router_logits, top_k_weights, top_k_index)`` (GraniteMoE up to transformers 5.19 returns them in
+the reverse order: :func:`split_router_output` reads either). A family adapter says where those modules are,
 how the expert tensors are laid out, how the router scores experts, and which config keys hold
 the expert count. Everything else in moeshrink talks to :class:`MoELayer`, never to a family.
 """
@@ -42,6 +43,28 @@ class ExpertTensor:
         if self.layout == "halves":
             return torch.cat([perm, perm + perm.numel()])
         return torch.stack([2 * perm, 2 * perm + 1], dim=1).reshape(-1)
+
+
+RouterOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def split_router_output(output: RouterOutput) -> RouterOutput:
+    """A router's ``(logits, top_k_weights, top_k_index)``, whichever order it returned them in: the
+    index is the integer tensor (GraniteMoE's router in transformers <= 5.19 returns it first)."""
+    first, weights, last = output
+    if first.is_floating_point():
+        return first, weights, last
+    return last, weights, first
+
+
+def join_router_output(
+    like: RouterOutput, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor
+) -> RouterOutput:
+    """``(logits, weights, index)`` in the order of the router output ``like`` (see
+    :func:`split_router_output`), for a forward that replaces the router's."""
+    if like[0].is_floating_point():
+        return logits, weights, index
+    return index, weights, logits
 
 
 # A scoring rule: router logits [T, E] (and a boolean mask of experts that may be chosen) ->

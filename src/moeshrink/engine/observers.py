@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moeshrink.arch import MoELayer
+from moeshrink.arch import MoELayer, split_router_output
 
 COUNTS = "counts"  # top-k selection counts [E]; always collected (cheap)
 SOFT_MASS = "soft_mass"  # sum of router probabilities over tokens [E]
@@ -104,7 +104,7 @@ class LayerObserver:
 
     @torch.no_grad()
     def _on_router(self, module, args, output) -> None:
-        logits, _, index = output
+        logits, _, index = split_router_output(output)
         logits = logits.reshape(-1, logits.shape[-1]).float()
         index = index.reshape(logits.shape[0], -1)
         s, num_experts = self.stats, self.layer.num_experts

@@ -25,7 +25,7 @@ from moeshrink.arch import FamilyAdapter
 from moeshrink.errors import MoeShrinkError
 from moeshrink.io.checkpoint import TOKENIZER_FILES, find_extra
 from moeshrink.plan import LEGACY_REFIT_FILENAME, PLAN_FILENAME, REFIT_FILENAME, ModelPlan
-from moeshrink.serving import is_per_layer, mark_per_layer_architecture
+from moeshrink.serving import write_architectures
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -254,10 +254,10 @@ def export_checkpoint(
     the exact router transfer)."""
     counts = plan.num_experts_after
     uniform = len(set(counts)) == 1
+    source_architectures = list(model.config.architectures or [])  # save_pretrained overwrites them
     with atomic_directory(output, overwrite, source=source) as tmp:
         model.save_pretrained(tmp, save_original_format=uniform)
-        if is_per_layer(model.config):  # served by moeshrink's vLLM plugin, refused by plain vLLM
-            mark_per_layer_architecture(tmp / "config.json")
+        write_architectures(tmp / "config.json", source_architectures)
         write_extras(tmp, adapter, plan, source=source, tokenizer=tokenizer, model_card=model_card)
         for name, tensors in (sidecars or {}).items():
             save_extra(tmp / name, tensors)

@@ -354,7 +354,7 @@ class StreamedLayers:
         self.writer.finish(self.model.num_parameters())
         config = self.model.config
         config.dtype = str(self.dtype).removeprefix("torch.")
-        config.architectures = serving_architectures(config, [type(self.model).__name__])
+        config.architectures = serving_architectures(config, config.architectures or [type(self.model).__name__])
         config.save_pretrained(directory)
         if self.model.can_generate():
             self.model.generation_config.save_pretrained(directory)

@@ -54,11 +54,14 @@ def serving_architectures(config: Any, architectures: list[str]) -> list[str]:
     return [base_architecture(a) for a in architectures]
 
 
-def mark_per_layer_architecture(config_json: Path) -> None:
-    """Rewrite ``architectures`` in a per-layer output's config.json to the plugin's names (the export
-    writes the model class's own name first)."""
+def write_architectures(config_json: Path, source_architectures: list[str] | None) -> None:
+    """Write ``architectures`` in an output's config.json: the source checkpoint's own names (which
+    engines look up: Phi-3.5-MoE says ``PhiMoEForCausalLM`` where transformers' class is
+    ``PhimoeForCausalLM``, and ``save_pretrained`` writes the class name), as the plugin's names for
+    a per-layer output."""
     config = json.loads(config_json.read_text())
-    config["architectures"] = serving_architectures(config, config.get("architectures") or [])
+    names = source_architectures or config.get("architectures") or []
+    config["architectures"] = serving_architectures(config, list(names))
     config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -66,7 +69,7 @@ __all__ = [
     "ARCHITECTURE_PREFIX",
     "base_architecture",
     "is_per_layer",
-    "mark_per_layer_architecture",
+    "write_architectures",
     "plugin_architecture",
     "serving_architectures",
 ]

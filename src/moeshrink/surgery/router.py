@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moeshrink.arch import MoELayer
+from moeshrink.arch import MoELayer, join_router_output, split_router_output
 from moeshrink.surgery.apply import set_top_k
 
 # Original router logits [T, E] -> the layer's (logits [T, K], top_k_weights [T, k], top_k_index [T, k]).
@@ -119,15 +119,18 @@ def install_router(
         if source is not None and source.weight.device != hidden_states.device:
             source.to(hidden_states.device)
         if source_top_k is None:
-            logits, weights, _ = compute(hidden_states)
+            original = compute(hidden_states)
         else:
             previous, module.top_k = module.top_k, source_top_k
             try:
-                logits, weights, _ = compute(hidden_states)
+                original = compute(hidden_states)
             finally:
                 module.top_k = previous
+        logits, weights, _ = split_router_output(original)
         new_logits, new_weights, new_index = route(logits)
-        return new_logits.to(logits.dtype), new_weights.to(weights.dtype), new_index
+        return join_router_output(
+            original, new_logits.to(logits.dtype), new_weights.to(weights.dtype), new_index
+        )
 
     layer.router.forward = forward
     if top_k is not None:

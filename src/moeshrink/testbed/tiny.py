@@ -7,6 +7,7 @@ DeepSeek's correction bias is random so that its slicing is exercised.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,15 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
         **_DEEPSEEK, topk_group=1, topk_method="group_limited_greedy", routed_scaling_factor=1.0
     ),
     "deepseek_v3": dict(**_DEEPSEEK, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True),
-    "phimoe": dict(num_local_experts=8),
+    # as Phi-3.5-MoE: biased attention projections and LM head (vLLM's PhiMoE always has them)
+    "phimoe": dict(num_local_experts=8, attention_bias=True, lm_head_bias=True),
     "granitemoe": dict(num_local_experts=8),
     "gpt_oss": dict(num_local_experts=8, head_dim=16, sliding_window=8, layer_types=None),
 }
+
+# The architecture name a family's published checkpoints carry where it differs from transformers'
+# class name (which ``save_pretrained`` writes): engines such as vLLM look models up by it.
+PUBLISHED_ARCHITECTURE: dict[str, str] = {"phimoe": "PhiMoEForCausalLM"}
 
 TINY_TEXT = (
     "The quick brown fox jumps over the lazy dog. Experts in a mixture are chosen by a router. "
@@ -118,5 +124,10 @@ def build_tiny_model(
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=dtype)
     randomize_routers(model, family, seed)
     model.save_pretrained(out_dir)
+    if family in PUBLISHED_ARCHITECTURE:
+        config_json = out_dir / "config.json"
+        config = json.loads(config_json.read_text())
+        config["architectures"] = [PUBLISHED_ARCHITECTURE[family]]
+        config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     build_tiny_tokenizer(out_dir)
     return out_dir
