@@ -4,7 +4,8 @@ moeshrink outputs, all measured in one run, as ratios to the original.
 Outputs: REAP 16 -> 8, M-SMoE 16 -> 8, REAP 16 -> 4, M-SMoE 16 -> 4, top-1 (every expert kept),
 REAP with a global budget (8 per layer on average, served through moeshrink's vLLM plugin), and a
 per-layer top-k from an EEP search at a mean of 1.5 active experts (plugin too). Every model is
-served by vLLM in its checkpoint dtype from one process, one after the other, on the same fixed
+served by vLLM in its checkpoint dtype, each in a fresh process (``moeshrink.verify.serving``, the
+measurement ``moeshrink verify --serving`` records in a model card), one after the other, on the same fixed
 prompts (held-out corpus text): prefill tokens/s (``max_tokens=1``) and generation tokens/s
 (``--new-tokens`` per prompt, end-of-text ignored), best of ``--repeat``.
 
@@ -16,13 +17,10 @@ Needs vLLM (run it with the venv ``make test-vllm`` makes):
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -30,9 +28,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("MOESHRINK_VERIFY", "0")  # outputs are verified by tests/vllm; this measures
 
 import moeshrink  # noqa: E402
-from moeshrink.io.checkpoint import weight_files  # noqa: E402
 from moeshrink.search import search  # noqa: E402
 from moeshrink.testbed.paths import DOMAINS, corpus_dir, tasks_dir, testbed_model_dir  # noqa: E402
+from moeshrink.verify.serving import ServingSettings, serving_cost  # noqa: E402
 
 
 def make_outputs(root: Path) -> dict[str, Path]:
@@ -86,35 +84,6 @@ def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     if len(mixed) < count:
         raise SystemExit(f"only {len(mixed)} prompt windows of {length} tokens; lower --prompts")
     return mixed[:count]
-
-
-def measure(path: Path, input_ids: list[list[int]], new_tokens: int, repeat: int) -> dict[str, float]:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    longest = max(len(i) for i in input_ids) + new_tokens + 8
-    llm = LLM(model=str(path), max_model_len=longest, enforce_eager=True, seed=0, max_num_seqs=len(input_ids))
-    batch = [TokensPrompt(prompt_token_ids=ids) for ids in input_ids]
-    prompt_tokens = sum(len(i) for i in input_ids)
-    prefill, decode = [], []
-    llm.generate(batch[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
-    for _ in range(repeat):
-        start = time.perf_counter()
-        llm.generate(batch, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
-        prefill.append(prompt_tokens / (time.perf_counter() - start))
-        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-        start = time.perf_counter()
-        out = llm.generate(batch, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
-        generated = sum(len(o.outputs[0].token_ids) for o in out)
-        decode.append(generated / seconds)
-    del llm
-    gc.collect()
-    return {"prefill_tokens_per_s": max(prefill), "generation_tokens_per_s": max(decode)}
-
-
-def weight_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in weight_files(path))
 
 
 def render(rows: dict[str, dict], meta: dict) -> str:
@@ -171,23 +140,20 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(Path(args.out).read_text())
         Path(args.report).write_text(render(saved["rows"], saved["meta"]))
         return 0
-    import vllm
     from transformers import AutoConfig, AutoTokenizer
 
     outputs = make_outputs(Path(args.work))
     tokenizer = AutoTokenizer.from_pretrained(testbed_model_dir())
     input_ids = prompts(tokenizer, args.prompts, args.prompt_tokens)
-    rows = {}
-    for name, path in outputs.items():
-        rows[name] = {"path": str(path), "weight_bytes": weight_bytes(path)} | measure(
-            path, input_ids, args.new_tokens, args.repeat
-        )
-        print(name, rows[name], flush=True)
+    settings = ServingSettings(args.prompts, args.prompt_tokens, args.new_tokens, args.repeat)
+    serving = serving_cost(outputs, input_ids, settings)
+    rows = {name: {"path": str(outputs[name])} | row for name, row in serving["rows"].items()}
+    engine = serving["engine"]
     meta = {
         "command": shlex.join(["python", "benchmarks/serve.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU build of vLLM",
+        "machine": f"{serving['machine']}, {engine['device']}",
         "note": args.note,
-        "vllm": vllm.__version__,
+        "vllm": engine["version"],
         "dtype": str(AutoConfig.from_pretrained(testbed_model_dir()).dtype),
         "prompts": args.prompts,
         "prompt_tokens": args.prompt_tokens,

@@ -94,3 +94,44 @@ def test_per_layer_format_of_a_family_the_plugin_lacks_is_skipped_in_vllm(tmp_pa
         assert check.status == "skipped" and "does not serve this family's per-layer format" in check.detail
     else:
         assert check.status == "skipped" and "not installed" in check.detail
+
+
+def test_card_has_a_serving_section_that_a_measurement_replaces(verified, tmp_path):
+    """Before a measurement the card says how to make one; ``record_serving`` puts the measured table
+    (engine, device, ratios) into the plan and the card in place of that section, once."""
+    from moeshrink.verify.serving import record_serving
+
+    out, _ = verified
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    card = (copy / "README.md").read_text()
+    assert "## Serving cost" in card and "--serving" in card
+    ratios = {"weight_bytes": 0.5, "prefill_tokens_per_s": 1.1, "generation_tokens_per_s": 1.2}
+    serving = {
+        "engine": {"name": "vLLM", "version": "9.9.9", "device": "GPU (test)"},
+        "machine": "x86_64 with 2 CPU cores",
+        "settings": {"prompts": 2, "prompt_tokens": 8, "new_tokens": 4, "repeat": 1},
+        "rows": {
+            "this checkpoint (copy)": {
+                "weight_bytes": 1000,
+                "prefill_tokens_per_s": 10.0,
+                "generation_tokens_per_s": 5.0,
+                "load_1min": [0.5, 0.6],
+                "ratios": ratios,
+            }
+        },
+    }
+    record_serving(copy, serving)
+    assert ModelPlan.load(copy / PLAN_FILENAME).serving == serving
+    updated = (copy / "README.md").read_text()
+    assert updated.count("## Serving cost") == 1 and "Measured by vLLM 9.9.9 on GPU (test)" in updated
+    assert "| this checkpoint (copy) |" in updated and "(0.50x)" in updated
+    assert updated.split("<!-- moeshrink:serving -->")[0] == card.split("<!-- moeshrink:serving -->")[0]
+    assert not list(copy.glob(".*.tmp-*"))  # replaced atomically, nothing left behind
+
+
+@pytest.mark.skipif(vllm_available(), reason="checks the message shown when vLLM is missing")
+def test_verify_serving_without_vllm_says_what_to_install(verified, capsys):
+    out, _ = verified
+    assert main(["verify", str(out), "--no-vllm", "--serving"]) == 2
+    assert "moeshrink[vllm]" in capsys.readouterr().err

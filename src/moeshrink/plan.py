@@ -144,6 +144,8 @@ class ModelPlan(BaseModel):
     layers: list[LayerPlan]
     # The checks made on the exported checkpoint (moeshrink.verify): check -> status, detail, differences.
     verification: dict[str, Any] | None = None
+    # Serving cost measured where it is served (moeshrink.verify.serving): engine, device, rows, ratios.
+    serving: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> ModelPlan:

@@ -39,3 +39,31 @@ def test_job_verifies_its_output_in_vllm(method, tmp_path):
         verification = verify_checkpoint(legacy)
         (failed,) = verification.failed
         assert failed.name == "vllm" and f"move it into {EXTRAS_DIR}/" in failed.detail
+
+
+def test_verify_serving_records_vllm_throughput_in_plan_and_card(tmp_path, capsys):
+    """``moeshrink verify OUT --original SRC --serving``: both measured in vLLM in one run; the plan
+    and the model card carry the engine, the device and the ratios to the original."""
+    from moeshrink.cli import main
+    from moeshrink.plan import ModelPlan
+    from moeshrink.testbed.tiny import build_tiny_model
+
+    source = build_tiny_model("mixtral", tmp_path / "source", num_attention_heads=2, num_key_value_heads=2)
+    out = tmp_path / "out"
+    moeshrink.prune(source, "reap", output=out, **(KW | {"keep": 4}))
+    assert (
+        "## Serving cost" in (out / "README.md").read_text()
+        and "Not measured" in (out / "README.md").read_text()
+    )
+    assert main(["verify", str(out), "--original", str(source), "--serving"]) == 0
+    serving = ModelPlan.load(out / "moeshrink_plan.json").serving
+    original, pruned = serving["rows"].values()
+    assert serving["engine"]["name"] == "vLLM" and serving["engine"]["device"].startswith("CPU")
+    assert original["ratios"]["weight_bytes"] == 1.0
+    assert 0 < pruned["ratios"]["weight_bytes"] < 1  # 4 of 8 experts kept
+    for row in (original, pruned):
+        assert row["prefill_tokens_per_s"] > 0 and row["generation_tokens_per_s"] > 0
+    card = (out / "README.md").read_text()
+    assert f"Measured by vLLM {serving['engine']['version']}" in card and "Not measured" not in card
+    assert card.count("## Serving cost") == 1
+    assert "this checkpoint (out)" in capsys.readouterr().out

@@ -9,6 +9,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from moeshrink.info import ModelInfo
 from moeshrink.plan import PLAN_FILENAME, ModelPlan
 from moeshrink.sparsity.accounting import DENSE_NOTE, SparsityReport
+from moeshrink.verify.serving import serving_lines
 
 
 def model_card(
@@ -77,6 +78,8 @@ def model_card(
         _serving_note(plan, after),
         "",
         *_verification_lines(plan),
+        *serving_lines(plan.serving),
+        "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in plan.versions.items())}.",
         "",
     ]

@@ -112,11 +112,12 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def _run_worker(kind: str, directory: Path, input_ids: list[list[int]]) -> dict[str, Any]:
-    """Run the check in a fresh process; raise with the worker's last words when it fails."""
+def run_worker(kind: str, directory: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """Run ``moeshrink.verify.worker KIND`` on ``directory`` with ``payload`` (the token ids, ...) in a
+    fresh process; raise with the worker's last words when it fails."""
     with tempfile.TemporaryDirectory(prefix="moeshrink-verify-") as scratch:
         inputs, output = Path(scratch) / "in.json", Path(scratch) / "out.json"
-        inputs.write_text(json.dumps({"input_ids": input_ids}))
+        inputs.write_text(json.dumps(payload))
         command = [
             sys.executable,
             "-m",
@@ -146,7 +147,7 @@ def root_cause(stderr: str) -> str | None:
 def check_transformers(directory: Path, input_ids: list[list[int]], reference: list[list[float]] | None):
     """The ``transformers`` check; also returns its log-probs (vLLM's reference)."""
     try:
-        result = _run_worker("transformers", directory, input_ids)
+        result = run_worker("transformers", directory, {"input_ids": input_ids})
     except RuntimeError as e:
         return Check("transformers", "fail", f"did not load in a fresh process: {e}"), None
     versions = {k: result[k] for k in ("transformers", "torch")}
@@ -206,7 +207,7 @@ def check_vllm(directory: Path, input_ids: list[list[int]], reference: list[list
             f"tensors the model lacks; move it into {EXTRAS_DIR}/ (moeshrink reads it there) or re-export",
         )
     try:
-        result = _run_worker("vllm", directory, input_ids)
+        result = run_worker("vllm", directory, {"input_ids": input_ids})
     except RuntimeError as e:
         if "are not supported" in str(e):  # vLLM has no class for the family at all
             return Check("vllm", "skipped", f"this vLLM cannot serve the family: {e}")
@@ -286,6 +287,7 @@ __all__ = [
     "TOLERANCE",
     "Check",
     "Verification",
+    "run_worker",
     "verify_before_commit",
     "verify_checkpoint",
     "vllm_available",

@@ -3,10 +3,11 @@
 KIND ``transformers`` loads DIR with plain ``AutoModelForCausalLM.from_pretrained`` (moeshrink's own
 loader for its per-layer formats, which plain transformers cannot build) and records the loading
 report and the log-probabilities of the input tokens; KIND ``vllm`` loads DIR with ``vllm.LLM`` and
-records vLLM's prompt log-probabilities of the same tokens and a short greedy generation. Both run
+records vLLM's prompt log-probabilities of the same tokens and a short greedy generation; KIND
+``vllm-speed`` measures vLLM's throughput on DIR (:mod:`moeshrink.verify.serving`). The checks run
 in float32 (the weights upcast exactly), so a difference is the export's or the kernels', not
 rounding in half precision. IN holds
-``{"input_ids": [[...], ...]}``; OUT receives the result as JSON. A fresh process is what a user
+``{"input_ids": [[...], ...]}`` (and the speed settings); OUT receives the result as JSON. A fresh process is what a user
 gets: nothing of the process that wrote the checkpoint (patched modules, cached state) leaks in.
 """
 
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +100,73 @@ def run_vllm(directory: Path, input_ids: list[list[int]]) -> dict[str, Any]:
     }
 
 
+def device_name() -> str:
+    """The device an engine in this process runs on: the GPU's name, else the CPU's model."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU ({torch.cuda.get_device_name(0)})"
+    cpuinfo = Path("/proc/cpuinfo")
+    names = (
+        [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        if cpuinfo.is_file()
+        else []
+    )
+    return f"CPU ({names[0] if names else platform.processor() or platform.machine()})"
+
+
+def run_vllm_speed(
+    directory: Path, input_ids: list[list[int]], new_tokens: int, repeat: int
+) -> dict[str, Any]:
+    """vLLM's offline throughput on DIR in its checkpoint dtype: prefill tokens/s (one new token) and
+    generation tokens/s (``new_tokens`` greedy tokens per prompt, end-of-text ignored), best of
+    ``repeat`` after a warm-up."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    longest = max(len(ids) for ids in input_ids) + new_tokens + 8
+    llm = LLM(
+        model=str(directory), max_model_len=longest, enforce_eager=True, seed=0, max_num_seqs=len(input_ids)
+    )
+    batch = [TokensPrompt(prompt_token_ids=ids) for ids in input_ids]
+    prompt_tokens = sum(len(ids) for ids in input_ids)
+    llm.generate(batch[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    prefill, generation = [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        llm.generate(batch, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+        prefill.append(prompt_tokens / (time.perf_counter() - start))
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        start = time.perf_counter()
+        out = llm.generate(batch, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        generation.append(sum(len(o.outputs[0].token_ids) for o in out) / seconds)
+    return {
+        "engine": {"name": "vLLM", "version": vllm.__version__, "device": device_name()},
+        "prefill_tokens_per_s": max(prefill),
+        "generation_tokens_per_s": max(generation),
+    }
+
+
 def main(argv: list[str]) -> int:
     kind, directory, inputs, output = argv
-    input_ids = json.loads(Path(inputs).read_text())["input_ids"]
-    run = {"transformers": run_transformers, "vllm": run_vllm}[kind]
-    Path(output).write_text(json.dumps(run(Path(directory), input_ids)))
+    payload = json.loads(Path(inputs).read_text())
+    if kind == "vllm-speed":
+        result = run_vllm_speed(
+            Path(directory), payload["input_ids"], payload["new_tokens"], payload["repeat"]
+        )
+    else:
+        result = {"transformers": run_transformers, "vllm": run_vllm}[kind](
+            Path(directory), payload["input_ids"]
+        )
+    Path(output).write_text(json.dumps(result))
     return 0
 
 
