@@ -25,6 +25,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def speed_engine(model: nn.Module, device: torch.device) -> str:
+    """What measured the speed: transformers' own forward and ``generate`` (not a serving engine), on
+    which device, in which dtype, with how many CPU threads."""
+    import transformers
+
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return f"transformers {transformers.__version__} (PyTorch {torch.__version__}, {where}, {dtype})"
+
+
 @torch.no_grad()
 def measure_speed(
     model: nn.Module,
@@ -64,11 +78,13 @@ def measure_speed(
         _sync(device_t)
         decode = min(decode, time.perf_counter() - t - prefill)
     result = {
+        "engine": speed_engine(model, device_t),
         "prefill_tokens_per_s": batch_size * prompt_len / prefill,
         "decode_tokens_per_s": batch_size * new_tokens / max(decode, 1e-9),
         "batch_size": batch_size,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
+        "repeats": repeats,
         "parameter_bytes": parameter_bytes(model),
         "peak_rss_bytes": peak_rss_bytes(),
     }

@@ -58,6 +58,15 @@ def write_report(
         "multiple-choice accuracy (4 choices, chance 0.25).",
         "",
     ]
+    speed = base.get("speed")
+    if speed and "engine" in speed:
+        lines += [
+            f"Speed (prefill and decode tok/s) is measured by {speed['engine']}: batch {speed['batch_size']} x "
+            f"{speed['prompt_len']}-token random prompts, {speed['new_tokens']} new tokens, best of {speed.get('repeats', 3)}. That is "
+            "not a serving engine: `moeshrink verify OUT --original MODEL --serving` measures weight bytes and "
+            "throughput in vLLM, and docs/serve.md has the testbed's table.",
+            "",
+        ]
     below = [
         f"{t} ({v['acc']:.3f} ± {v.get('acc_stderr', 0):.3f})"
         for t, v in base.get("tasks", {}).items()
