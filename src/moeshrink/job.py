@@ -571,7 +571,9 @@ def check_job(job: Job) -> CheckedJob:
             )
     reader = ShardReader(path)  # every shard present and complete, before anything is written
     if job.output is not None:
-        check_free_disk(job.output, estimate_output_bytes(reader, adapter, config, keep))
+        refit = bool(getattr(getattr(method, "settings", None), "reconstruct", False))
+        estimate = estimate_output_bytes(reader, adapter, config, keep, dtype=job.dtype, refit=refit)
+        check_free_disk(job.output, estimate)
     stream = choose_streaming(
         job.stream,
         reader,

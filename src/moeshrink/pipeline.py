@@ -10,6 +10,7 @@ from moeshrink.errors import MoeShrinkError
 from moeshrink.info import describe_model
 from moeshrink.io.checkpoint import checkpoint_fingerprint, content_fingerprint, load_model
 from moeshrink.io.export import export_checkpoint, load_plan
+from moeshrink.io.streaming import ShardReader, check_free_disk, estimate_output_bytes
 from moeshrink.job import Job, PruneResult, open_checkpoint, resolve_keep, verify_by_default, versions
 from moeshrink.plan import ModelPlan
 from moeshrink.report.model_card import model_card
@@ -44,7 +45,7 @@ def apply_plan(
 ) -> PruneResult:
     """Re-apply a saved plan to the checkpoint it was made from (no calibration needed); the output is
     verified before it is committed unless ``verify`` is False (None: the jobs' default)."""
-    path, _, adapter = open_checkpoint(model, output, overwrite)
+    path, config, adapter = open_checkpoint(model, output, overwrite)
     plan = plan if isinstance(plan, ModelPlan) else load_plan(plan)
     plan = plan.model_copy(update={"verification": None})  # this export's own checks replace any recorded
     if plan.sparsity:
@@ -59,6 +60,13 @@ def apply_plan(
         raise MoeShrinkError(
             f"{path} is not the checkpoint this plan was made from ({plan.source.get('path')}): "
             "its config, weight files or weights differ"
+        )
+    if output is not None:  # every shard present and complete, and room for the output, before loading
+        refit = bool(plan.refit_state())
+        keep = max(plan.num_experts_after)
+        reader = ShardReader(path)
+        check_free_disk(
+            output, estimate_output_bytes(reader, adapter, config, keep, dtype=dtype, refit=refit)
         )
     loaded = load_model(path, dtype)
     before = describe_model(loaded.model, adapter)

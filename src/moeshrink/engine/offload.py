@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from moeshrink.arch import FamilyAdapter
+from moeshrink.errors import MoeShrinkError, is_out_of_space
 
 
 class LayerSource(Protocol):
@@ -90,7 +91,17 @@ class SpilledBatches:
 
     def append(self, tensor: torch.Tensor) -> None:
         file = self.directory / f"{len(self.files):06d}-{uuid.uuid4().hex[:6]}.pt"
-        torch.save(tensor.detach().cpu(), file)
+        try:
+            with file.open("wb") as f:  # through a Python file, a full disk is an OSError torch keeps
+                torch.save(tensor.detach().cpu(), f)
+        except Exception as e:
+            file.unlink(missing_ok=True)
+            if is_out_of_space(e):
+                raise MoeShrinkError(
+                    f"the disk filled up while the calibration hidden states were written to {self.root} "
+                    "(--offload-hidden): free some space there, choose another directory, or keep them in RAM"
+                ) from e
+            raise
         self.files.append(file)
 
     def __len__(self) -> int:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moeshrink.arch import FamilyAdapter
-from moeshrink.errors import MoeShrinkError
+from moeshrink.errors import MoeShrinkError, is_out_of_space
 from moeshrink.io.checkpoint import TOKENIZER_FILES, find_extra
 from moeshrink.plan import LEGACY_REFIT_FILENAME, PLAN_FILENAME, REFIT_FILENAME, ModelPlan
 from moeshrink.serving import write_architectures
@@ -65,6 +65,24 @@ def check_not_source(output: str | Path, source: str | Path) -> None:
             f"output directory {output} is inside the input checkpoint {src}: moeshrink never writes into "
             "its input; choose an output directory outside the input"
         )
+
+
+@contextmanager
+def out_of_space_is_an_error(output: str | Path) -> Iterator[None]:
+    """Turn the disk filling up while ``output`` is written into a one-line :class:`MoeShrinkError`
+    (the caller removes what was written)."""
+    try:
+        yield
+    except MoeShrinkError:
+        raise
+    except Exception as e:
+        if not is_out_of_space(e):
+            raise
+        parent = Path(output).absolute().parent
+        raise MoeShrinkError(
+            f"the disk filled up while writing {output}: the partial output was removed and nothing was "
+            f"written; free some space on {parent} or choose another --output"
+        ) from e
 
 
 def check_output_dir(output: str | Path, overwrite: bool, *, source: str | Path | None = None) -> Path:
@@ -202,7 +220,8 @@ def atomic_directory(
     ``source``: the input checkpoint, which the output may not be, contain or lie inside."""
     pending = PendingOutput(check_output_dir(output, overwrite, source=source))
     try:
-        yield pending.directory
+        with out_of_space_is_an_error(output):
+            yield pending.directory
     except BaseException:
         pending.discard()
         raise

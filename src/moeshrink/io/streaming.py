@@ -37,6 +37,7 @@ from transformers.utils import logging as hf_logging
 from moeshrink.arch import FamilyAdapter
 from moeshrink.errors import MoeShrinkError
 from moeshrink.io.checkpoint import (
+    TOKENIZER_FILES,
     check_moe_layers,
     check_safetensors_file,
     load_config,
@@ -44,7 +45,7 @@ from moeshrink.io.checkpoint import (
     resolve_dtype,
     weight_files,
 )
-from moeshrink.io.export import PendingOutput, check_output_dir, write_extras
+from moeshrink.io.export import PendingOutput, check_output_dir, out_of_space_is_an_error, write_extras
 from moeshrink.plan import ModelPlan
 from moeshrink.serving import serving_architectures
 from moeshrink.sparsity.accounting import SparsityReport, TensorSparsity, layer_of, tensor_sparsity
@@ -65,6 +66,8 @@ class ShardReader:
             check_safetensors_file(file)
         self.location: dict[str, Path] = {}
         self.nbytes: dict[str, int] = {}
+        self.itemsize: dict[str, int] = {}
+        self.floating: dict[str, bool] = {}
         for file in self.files:
             with safe_open(file, "pt") as f:
                 for key in f.keys():
@@ -73,7 +76,10 @@ class ShardReader:
                     numel = 1
                     for dim in tensor_slice.get_shape():
                         numel *= dim
-                    self.nbytes[key] = numel * _itemsize(tensor_slice.get_dtype())
+                    dtype = tensor_slice.get_dtype()
+                    self.itemsize[key] = _itemsize(dtype)
+                    self.floating[key] = dtype.upper() in _FLOATING
+                    self.nbytes[key] = numel * self.itemsize[key]
         index = path / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map", {})
@@ -116,6 +122,9 @@ _ITEMSIZE = {
     "U8": 1,
     "BOOL": 1,
 }
+
+
+_FLOATING = {"F64", "F32", "F16", "BF16"}
 
 
 def _itemsize(dtype: str) -> int:
@@ -276,7 +285,12 @@ class StreamedLayers:
                 ]
             if self.writer is not None:
                 state = {self.prefixes[index] + k: v for k, v in layer.state_dict().items()}
-                self.writer.write(self._on_disk(state))
+                try:
+                    with out_of_space_is_an_error(self.output):
+                        self.writer.write(self._on_disk(state))
+                except BaseException:  # the output cannot be completed: nothing half-written stays
+                    self.pending.discard()
+                    raise
             self.released.add(index)
         _to_meta(layer)
         self.loaded.discard(index)
@@ -325,17 +339,18 @@ class StreamedLayers:
         if self.writer is None or self.output is None:
             raise RuntimeError("commit() needs an output directory")
         try:
-            self._finish(self.directory)
-            write_extras(
-                self.directory,
-                self.adapter,
-                plan,
-                source=self.path,
-                tokenizer=tokenizer,
-                model_card=model_card,
-            )
-            if before_commit is not None:
-                before_commit(self.directory)
+            with out_of_space_is_an_error(self.output):
+                self._finish(self.directory)
+                write_extras(
+                    self.directory,
+                    self.adapter,
+                    plan,
+                    source=self.path,
+                    tokenizer=tokenizer,
+                    model_card=model_card,
+                )
+                if before_commit is not None:
+                    before_commit(self.directory)
         except BaseException:
             self.pending.discard()
             raise
@@ -354,7 +369,9 @@ class StreamedLayers:
         self.writer.finish(self.model.num_parameters())
         config = self.model.config
         config.dtype = str(self.dtype).removeprefix("torch.")
-        config.architectures = serving_architectures(config, config.architectures or [type(self.model).__name__])
+        config.architectures = serving_architectures(
+            config, config.architectures or [type(self.model).__name__]
+        )
         config.save_pretrained(directory)
         if self.model.can_generate():
             self.model.generation_config.save_pretrained(directory)
@@ -393,27 +410,76 @@ def _to_meta(module: nn.Module) -> None:
                 sub._buffers[name] = torch.empty_like(buffer, device="meta")
 
 
-def estimate_output_bytes(reader: ShardReader, adapter: FamilyAdapter, config, keep: int) -> int:
-    """Bytes of the pruned checkpoint's tensors: everything, with routed-expert tensors scaled to
-    ``keep`` of the experts (an upper bound for merging too: a merged expert is one expert)."""
-    num_experts = adapter.num_experts(config)
-    expert = sum(n for k, n in reader.nbytes.items() if ".experts." in k and "shared" not in k)
-    return reader.total_bytes - expert + expert * keep // max(num_experts, 1)
+def estimate_output_bytes(
+    reader: ShardReader,
+    adapter: FamilyAdapter,
+    config,
+    keep: int,
+    *,
+    dtype: str | torch.dtype = "auto",
+    refit: bool = False,
+) -> int:
+    """Bytes of the pruned checkpoint: its tensors, with routed-expert tensors scaled to ``keep`` of the
+    experts (an upper bound for merging too: a merged expert is one expert) and floating tensors at
+    the ``dtype`` the model is loaded and saved in (``auto`` may mean float32 for a bfloat16 file whose
+    config names no dtype); with ``refit`` the re-fitted down projections of the merged experts (at
+    most a third of the kept experts' bytes); and the files copied from the input (tokenizer, config)."""
+    num_experts = max(adapter.num_experts(config), 1)
+    itemsize = torch.empty((), dtype=resolve_dtype(config, dtype)).element_size()
+    tensors = expert = 0
+    for key, nbytes in reader.nbytes.items():
+        if reader.floating.get(key, False):
+            nbytes = nbytes // reader.itemsize[key] * itemsize
+        tensors += nbytes
+        if ".experts." in key and "shared" not in key:
+            expert += nbytes
+    kept = expert * keep // num_experts
+    copied = sum(
+        (reader.path / name).stat().st_size
+        for name in (*TOKENIZER_FILES, "config.json", "generation_config.json")
+        if (reader.path / name).is_file()
+    )
+    return tensors - expert + kept + (kept // 3 if refit else 0) + copied
 
 
-def check_free_disk(output: str | Path, needed: int, margin: float = 0.05) -> None:
-    """Refuse to start when the output's file system has less room than ``needed`` bytes (plus a margin)."""
+# Room asked for beyond the estimate: a few percent of it, and at least a floor. The estimate counts
+# every tensor (an upper bound for merges) and the copied files exactly; the margin covers what it
+# does not count: the plan and model card (the plan grows with layers x experts, and with neurons
+# when merges align them, yet stays well under 1% of the weights of a real model), safetensors
+# headers and file-system blocks. The floor covers small outputs, where these fixed-size parts weigh
+# most. (The margin used to be 5% plus a fixed 64 MiB, which refused a 10 MiB output on a disk with
+# 60 MiB free and meant nothing for a 100 GiB one.)
+MARGIN_FRACTION = 0.05
+MARGIN_FLOOR = 4 << 20
+
+
+def free_disk_margin(needed: int) -> int:
+    """Bytes asked for beyond an estimated output of ``needed`` bytes."""
+    return max(int(needed * MARGIN_FRACTION), MARGIN_FLOOR)
+
+
+def check_free_disk(output: str | Path, needed: int) -> None:
+    """Refuse to start when the output's file system has less room than ``needed`` bytes plus
+    :func:`free_disk_margin`. An existing output is replaced only once the new one is complete, so
+    while it is written both need room."""
     output = Path(output).absolute()
     parent = output.parent
     while not parent.exists():
         parent = parent.parent
     free = shutil.disk_usage(parent).free
-    want = int(needed * (1 + margin)) + (64 << 20)
+    want = needed + free_disk_margin(needed)
     if free < want:
+        replacing = " (beside the output it replaces, removed only once the new one is complete)"
         raise MoeShrinkError(
-            f"not enough free disk for the output {output}: it needs about {want / 2**30:.2f} GiB, "
-            f"{parent} has {free / 2**30:.2f} GiB free; free some space or choose another --output"
+            f"not enough free disk for the output {output}: it needs about {_size(want)}"
+            f"{replacing if output.exists() else ''}, {parent} has {_size(free)} free; free some space "
+            "or choose another --output"
         )
+
+
+def _size(n: int) -> str:
+    """``n`` bytes in GiB, or in MiB below 1 GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def physical_memory_bytes() -> int:
