@@ -91,6 +91,7 @@ def check_output_dir(output: str | Path, overwrite: bool, *, source: str | Path 
     if source is not None:
         check_not_source(output, source)
     output = Path(output)
+    check_not_being_written(output)
     if output.exists() and not overwrite:
         raise MoeShrinkError(f"output directory {output} already exists: choose another or pass --overwrite")
     if output.exists() and not output.is_dir():
@@ -100,6 +101,33 @@ def check_output_dir(output: str | Path, overwrite: bool, *, source: str | Path 
     if not os.access(parent, os.W_OK):
         raise MoeShrinkError(f"cannot write into {parent}: choose a writable output directory")
     return output
+
+
+def _lock_path(output: Path) -> Path:
+    return output.absolute().parent / f".{output.name}.lock"
+
+
+def _busy(output: Path) -> MoeShrinkError:
+    return MoeShrinkError(
+        f"another moeshrink run is writing {output} right now: wait for it to finish, or choose another "
+        "output directory"
+    )
+
+
+def check_not_being_written(output: Path) -> None:
+    """Refuse, before any work, an output another run is writing now (it holds the output's lock).
+    :class:`PendingOutput` takes the lock itself when the writing starts."""
+    try:
+        lock = os.open(_lock_path(output), os.O_RDWR)
+    except OSError:  # no lock file: nobody writes it (a parent that does not exist yet, too)
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise _busy(output) from None
+    finally:
+        os.close(lock)
 
 
 class PendingOutput:
@@ -114,16 +142,13 @@ class PendingOutput:
     def __init__(self, output: Path):
         self.output = Path(output)
         parent = self.output.absolute().parent
-        self._lock_file = parent / f".{self.output.name}.lock"
+        self._lock_file = _lock_path(self.output)
         self._lock = os.open(self._lock_file, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock)
-            raise MoeShrinkError(
-                f"another moeshrink run is writing {self.output} right now: wait for it to finish, or choose "
-                "another output directory"
-            ) from None
+            raise _busy(self.output) from None
         remove_stale_temporaries(self.output)
         self.directory = parent / f".{self.output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.directory.mkdir()
