@@ -153,11 +153,35 @@ def test_merged_checkpoint_reloads_with_the_in_memory_logits(
     )
 
 
+@torch.no_grad()
+def _moe_layer_errors(original, compressed, adapter, input_ids: torch.Tensor) -> list[float]:
+    """Per MoE layer, the mean squared difference between the compressed and the original MoE block's
+    outputs on the same inputs: those that reach the block in the original model on ``input_ids``."""
+    blocks = [layer.block for layer in adapter.moe_layers(original)]
+    inputs: list[torch.Tensor] = []
+    handles = [b.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].clone())) for b in blocks]
+    try:
+        original(input_ids=input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def out(block, x):
+        y = block(x)
+        return (y[0] if isinstance(y, tuple) else y).float()
+
+    pairs = zip(blocks, (layer.block for layer in adapter.moe_layers(compressed)), inputs, strict=True)
+    return [float((out(new, x) - out(old, x)).pow(2).mean()) for old, new, x in pairs]
+
+
 def test_reconstruction_lowers_the_layer_error_and_the_plan_reapplies(checkpoints, calib_file, tmp_path):
-    """The re-fit down projection matches the cluster's outputs better than the plain merge does, and
-    ``apply`` reproduces the checkpoint from plan + refit file."""
+    """The re-fit down projection brings every MoE layer's output closer to the original's than the
+    plain merge does (measured on the calibration tokens it was fitted on, each layer fed the original
+    model's inputs), and ``apply`` reproduces the checkpoint from plan + refit file."""
     from safetensors.torch import load_file
 
+    from moeshrink.engine.data import build_calibration
+    from moeshrink.io.checkpoint import load_model
     from moeshrink.plan import LEGACY_REFIT_FILENAME, REFIT_FILENAME
 
     kwargs = dict(keep=4, calib=calib_file, samples=8, seq_len=32, progress=False)
@@ -169,6 +193,17 @@ def test_reconstruction_lowers_the_layer_error_and_the_plan_reapplies(checkpoint
         method_options={"reconstruct": True},
         **kwargs,
     )
+    original = load_model(checkpoints["mixtral"])
+    ids = build_calibration(original.tokenizer, [calib_file], 8, 32).input_ids
+    before = _moe_layer_errors(original.model, plain.model, original.adapter, ids)
+    after = _moe_layer_errors(original.model, refit.model, original.adapter, ids)
+    refit_layers = {lp.layer for lp in refit.plan.layers if any(e.refit for e in lp.experts)}
+    assert refit_layers
+    for i, layer in enumerate(original.adapter.moe_layers(original.model)):
+        if layer.index in refit_layers:
+            assert after[i] < before[i], (i, before, after)
+        else:
+            assert after[i] == pytest.approx(before[i])
     assert (tmp_path / "out" / REFIT_FILENAME).is_file()
     assert [f.name for f in (tmp_path / "out").glob("*.safetensors")] == ["model.safetensors"]
     changed = [e for lp in refit.plan.layers for e in lp.experts if e.refit]
