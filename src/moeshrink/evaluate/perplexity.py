@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from moeshrink.arch import FamilyAdapter
 from moeshrink.engine.data import read_documents, tokenize_documents
@@ -30,9 +32,15 @@ def domain_windows(tokenizer, path: Path, seq_len: int, max_tokens: int | None) 
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device = "cpu"
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Token-level perplexity (every position after the first of each window is predicted)."""
+    """Token-level perplexity: within each window every token after the first is predicted from
+    the tokens before it in that window (the first token of a window has no context and is not
+    scored). ``progress`` is called with the number of windows done after each batch."""
     total_nll, total_tokens = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start : start + batch_size].to(device)
@@ -42,11 +50,31 @@ def perplexity(
         )
         total_nll += float(nll)
         total_tokens += ids[:, 1:].numel()
+        if progress is not None:
+            progress(ids.shape[0])
     return {
         "perplexity": math.exp(total_nll / total_tokens),
         "nll": total_nll / total_tokens,
         "tokens": total_tokens,
     }
+
+
+@contextlib.contextmanager
+def observing_usage(model: nn.Module, adapter: FamilyAdapter) -> Iterator[list[LayerObserver]]:
+    """Count the experts each MoE layer routes to during the forwards run inside the block."""
+    observers = [LayerObserver(layer, set()) for layer in adapter.moe_layers(model)]
+    for o in observers:
+        o.__enter__()
+    try:
+        yield observers
+    finally:
+        for o in observers:
+            o.__exit__(None, None, None)
+
+
+def usage_fractions(observers: Sequence[LayerObserver]) -> list[list[float]]:
+    """Fraction of tokens routed to each expert, per MoE layer: ``[layer][expert]`` (rows sum to top-k)."""
+    return [o.stats.frequency().tolist() for o in observers]
 
 
 @torch.no_grad()
@@ -58,17 +86,10 @@ def expert_usage(
     device: str | torch.device = "cpu",
 ) -> list[list[float]]:
     """Fraction of tokens routed to each expert, per MoE layer: ``[layer][expert]`` (rows sum to top-k)."""
-    layers = adapter.moe_layers(model)
-    observers = [LayerObserver(layer, set()) for layer in layers]
-    for o in observers:
-        o.__enter__()
-    try:
+    with observing_usage(model, adapter) as observers:
         for start in range(0, windows.shape[0], batch_size):
             model(input_ids=windows[start : start + batch_size].to(device))
-    finally:
-        for o in observers:
-            o.__exit__(None, None, None)
-    return [o.stats.frequency().tolist() for o in observers]
+    return usage_fractions(observers)
 
 
 def evaluate_domains(
@@ -81,14 +102,25 @@ def evaluate_domains(
     max_tokens: int | None = 32768,
     batch_size: int = 8,
     device: str = "cpu",
+    progress: bool = False,
 ) -> dict[str, dict]:
-    """Perplexity (and, with an adapter, expert usage) for each domain's held-out file."""
+    """Perplexity (and, with an adapter, expert usage, counted in the same forward passes) for each
+    domain's held-out file; ``progress`` shows a bar over all windows."""
+    windows = {domain: domain_windows(tokenizer, path, seq_len, max_tokens) for domain, path in files.items()}
     results = {}
-    for domain, path in files.items():
-        windows = domain_windows(tokenizer, path, seq_len, max_tokens)
-        results[domain] = perplexity(model, windows, batch_size, device)
-        if adapter is not None:
-            results[domain]["expert_usage"] = expert_usage(model, adapter, windows, batch_size, device)
+    with tqdm(
+        total=sum(w.shape[0] for w in windows.values()),
+        desc="perplexity",
+        unit="window",
+        disable=not progress,
+        leave=False,
+    ) as bar:
+        for domain, domain_ids in windows.items():
+            with contextlib.ExitStack() as stack:
+                observers = stack.enter_context(observing_usage(model, adapter)) if adapter else None
+                results[domain] = perplexity(model, domain_ids, batch_size, device, progress=bar.update)
+            if observers is not None:
+                results[domain]["expert_usage"] = usage_fractions(observers)
     return results
 
 

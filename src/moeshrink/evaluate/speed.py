@@ -50,7 +50,9 @@ def measure_speed(
     device: str = "cpu",
     vocab_size: int | None = None,
 ) -> dict[str, float]:
-    """Best-of-``repeats`` prefill and greedy-decode throughput on random prompts."""
+    """Best-of-``repeats`` prefill and greedy-decode throughput on random prompts: the tokens the
+    forward pass scored and the tokens ``generate`` added (``prefill_tokens``, ``decode_tokens``, per
+    repeat) over the best time; decode time is ``generate``'s minus one prefill."""
     device_t = torch.device(device)
     vocab = vocab_size or model.config.vocab_size
     ids = torch.randint(1, vocab, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)).to(
@@ -60,14 +62,16 @@ def measure_speed(
         torch.cuda.reset_peak_memory_stats(device_t)
     model(input_ids=ids[:, :8])  # warm-up
     prefill, decode = float("inf"), float("inf")
+    prefill_tokens = decode_tokens = 0
     for _ in range(repeats):
         _sync(device_t)
         t = time.perf_counter()
-        model(input_ids=ids)
+        logits = model(input_ids=ids).logits
         _sync(device_t)
         prefill = min(prefill, time.perf_counter() - t)
+        prefill_tokens = logits.shape[0] * logits.shape[1]
         t = time.perf_counter()
-        model.generate(
+        out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=new_tokens,
@@ -77,10 +81,13 @@ def measure_speed(
         )
         _sync(device_t)
         decode = min(decode, time.perf_counter() - t - prefill)
+        decode_tokens = out[:, ids.shape[1] :].numel()  # the tokens generate added
     result = {
         "engine": speed_engine(model, device_t),
-        "prefill_tokens_per_s": batch_size * prompt_len / prefill,
-        "decode_tokens_per_s": batch_size * new_tokens / max(decode, 1e-9),
+        "prefill_tokens_per_s": prefill_tokens / prefill,
+        "decode_tokens_per_s": decode_tokens / max(decode, 1e-9),
+        "prefill_tokens": prefill_tokens,
+        "decode_tokens": decode_tokens,
         "batch_size": batch_size,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
