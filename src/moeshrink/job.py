@@ -274,10 +274,12 @@ def load_recipe(path: str | Path) -> Job:
     if not path.is_file():
         raise MoeShrinkError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         return Job.model_validate(data)
+    except UnicodeDecodeError as e:
+        raise MoeShrinkError(f"{path}: not UTF-8 text (byte {e.start}): save the recipe as UTF-8") from e
     except yaml.YAMLError as e:
-        raise MoeShrinkError(f"{path}: not valid YAML: {e}") from e
+        raise MoeShrinkError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
     except ValidationError as e:
         raise MoeShrinkError(f"{path}: {validation_message(e, 'recipe')}") from e
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -41,6 +42,7 @@ from moeshrink.io.checkpoint import (
     check_moe_layers,
     check_safetensors_file,
     load_config,
+    read_weight_map,
     resolve_checkpoint,
     resolve_dtype,
     weight_files,
@@ -82,7 +84,7 @@ class ShardReader:
                     self.nbytes[key] = numel * self.itemsize[key]
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            weight_map = read_weight_map(index)
             for key, name in weight_map.items():
                 if self.location.get(key) != path / name:
                     raise MoeShrinkError(
@@ -199,6 +201,7 @@ class StreamedLayers:
         names = {id(m): n for n, m in self.model.named_modules()}
         self.prefixes = [names[id(layer)] + "." for layer in self.layers]
         self.mapping = get_model_conversion_mapping(self.model)
+        self._check_no_extra_layers()
         self.writer = None
         if self.output is not None:
             self.pending = PendingOutput(self.output)
@@ -215,6 +218,28 @@ class StreamedLayers:
         for name, param in self.model.named_parameters():
             if layer_of(name) is None and param.is_meta:
                 raise MoeShrinkError(f"{self.path}: the checkpoint has no tensor for {name}: re-download it")
+
+    def _check_no_extra_layers(self) -> None:
+        """Refuse decoder layers in the files beyond those the config describes (they would never be
+        read: the output would silently lack them), except those the model class ignores (e.g. an MTP
+        layer), as loading the whole model does."""
+        ignore = [
+            re.compile(p) for p in getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or ()
+        ]
+        extra = sorted(
+            key
+            for index, keys in self.reader.by_layer.items()
+            if index is not None and index >= len(self.layers)
+            for key in keys
+            if not any(p.search(key) for p in ignore)
+        )
+        if extra:
+            raise MoeShrinkError(
+                f"{self.path}: the checkpoint has a tensor its config.json has no place for, {extra[0]}"
+                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                + ": it would be dropped silently; the config and weights disagree (e.g. the layer count): "
+                "fix config.json or re-download the checkpoint"
+            )
 
     @classmethod
     def open(
