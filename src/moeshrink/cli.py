@@ -11,7 +11,10 @@ from moeshrink.errors import MoeShrinkError
 
 
 def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", help="checkpoint directory (or give it in the recipe)")
+    p.add_argument(
+        "model", nargs="?", help="checkpoint directory or Hub id org/name (or give it in the recipe)"
+    )
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit) of an org/name model")
     p.add_argument("--recipe", help="YAML recipe; options given here override it")
     p.add_argument("--method", help="expert-level method (see README; 'none' keeps every expert)")
     budget = p.add_mutually_exclusive_group()
@@ -22,7 +25,23 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib", nargs="+", help="calibration text: .txt files, .jsonl files or a datasets directory"
     )
-    p.add_argument("--calib-field", help="JSONL / datasets field holding the text (default: text)")
+    p.add_argument(
+        "--calib-dataset",
+        metavar="NAME",
+        help="calibration set by its datasets name: a Hub id (cache first) or a local data folder",
+    )
+    p.add_argument("--calib-config", help="the --calib-dataset config (subset), e.g. wikitext-2-raw-v1")
+    p.add_argument("--calib-split", help="the --calib-dataset split (default: train, else the first)")
+    p.add_argument(
+        "--calib-field",
+        help="JSONL / datasets field holding each document (default: text; with --chat-template: messages)",
+    )
+    p.add_argument(
+        "--chat-template",
+        action="store_const",
+        const=True,
+        help="the field holds chat messages [{role, content}, ...]: render them with the tokenizer's chat template",
+    )
     p.add_argument("-o", "--output", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--samples", type=int, help="calibration sequences (default 128)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default 512)")
@@ -159,7 +178,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from moeshrink.info import inspect_model
 
-    info = inspect_model(args.model)
+    info = inspect_model(args.model, revision=args.revision)
     print(json.dumps(info.to_dict(), indent=2) if args.json else info.to_text())
     return 0
 
@@ -333,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="family, layers, experts, top-k, parameters and bytes of a checkpoint")
-    p.add_argument("model")
+    p.add_argument("model", help="checkpoint directory or Hub id org/name")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit) of an org/name model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_inspect)
 

@@ -10,7 +10,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from moeshrink.arch import FamilyAdapter
-from moeshrink.io.checkpoint import check_safetensors_file, load_config, resize_per_layer, weight_files
+from moeshrink.io.checkpoint import (
+    check_safetensors_file,
+    load_config,
+    resize_per_layer,
+    resolve_checkpoint,
+    weight_files,
+)
 from moeshrink.surgery.apply import PER_LAYER_KEY, TOP_K_PER_LAYER_KEY
 
 
@@ -129,8 +135,10 @@ def meta_model(config, adapter: FamilyAdapter) -> nn.Module:
     return model
 
 
-def inspect_model(path: str | Path) -> ModelInfo:
-    """Describe a checkpoint from its config alone: the model is built on the meta device."""
+def inspect_model(path: str | Path, revision: str | None = None) -> ModelInfo:
+    """Describe a checkpoint (a directory, or a Hub id at ``revision``) from its config alone: the
+    model is built on the meta device."""
+    path = resolve_checkpoint(path, revision)
     config, adapter = load_config(path)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):

@@ -6,9 +6,9 @@ A job is its run settings plus an ordered list of steps (``experts``, ``top_k``,
 given with a recipe that has steps, they override the matching step.
 
 ```yaml
-model: path/to/checkpoint
+model: path/to/checkpoint        # or org/name on the Hugging Face Hub (with revision:)
 output: runs/pruned
-calib: [data/task.jsonl]
+calib: [data/task.jsonl]         # or calib_dataset: NAME (calib_config, calib_split, chat_template)
 samples: 128
 seq_len: 512
 steps:
@@ -39,7 +39,12 @@ from torch import nn
 import moeshrink
 from moeshrink.arch import FamilyAdapter, GroupedFamilyAdapter
 from moeshrink.engine import distributed
-from moeshrink.engine.data import build_calibration, check_calibration_files
+from moeshrink.engine.data import (
+    DatasetName,
+    build_calibration,
+    check_calibration_dataset,
+    check_calibration_files,
+)
 from moeshrink.engine.offload import ResidentLayers
 from moeshrink.engine.runner import run_steps
 from moeshrink.engine.steps import ExpertsStep, LayerStep, SparsifyStep, TopKStep
@@ -49,12 +54,14 @@ from moeshrink.io.checkpoint import (
     TOKENIZER_FILES,
     checkpoint_fingerprint,
     content_fingerprint,
+    has_chat_template,
     load_config,
     load_model,
     load_tokenizer,
     resolve_checkpoint,
 )
 from moeshrink.io.export import check_output_dir, export_checkpoint
+from moeshrink.io.hub import hub_source
 from moeshrink.io.streaming import (
     ShardReader,
     StreamedLayers,
@@ -202,10 +209,19 @@ class Job(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str | Path | None = None
+    # a Hub revision (branch, tag or commit) when model is an org/name id
+    revision: str | None = None
     output: str | Path | None = None
     steps: list[Step] = []
     calib: list[str | Path] | str | Path | None = None
-    calib_field: str = "text"
+    # or a calibration set by its datasets name (a Hub id or a local data folder), config and split
+    calib_dataset: str | None = None
+    calib_config: str | None = None
+    calib_split: str | None = None
+    # the field holding each document (default: text; with chat_template: messages)
+    calib_field: str | None = None
+    # the field holds chat messages, rendered with the tokenizer's chat template
+    chat_template: bool = False
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
@@ -274,12 +290,10 @@ def load_recipe(path: str | Path) -> Job:
     if not path.is_file():
         raise MoeShrinkError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text()) or {}
         return Job.model_validate(data)
-    except UnicodeDecodeError as e:
-        raise MoeShrinkError(f"{path}: not UTF-8 text (byte {e.start}): save the recipe as UTF-8") from e
     except yaml.YAMLError as e:
-        raise MoeShrinkError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
+        raise MoeShrinkError(f"{path}: not valid YAML: {e}") from e
     except ValidationError as e:
         raise MoeShrinkError(f"{path}: {validation_message(e, 'recipe')}") from e
 
@@ -327,9 +341,11 @@ def versions() -> dict[str, str]:
 
 
 def source_info(path: Path, adapter: FamilyAdapter, config) -> dict[str, Any]:
-    """What the plan records of the checkpoint it was made from."""
+    """What the plan records of the checkpoint it was made from (a Hub snapshot: its id and commit too)."""
+    hub = hub_source(path)
     return {
         "path": str(path.resolve()),
+        **({"hub": hub} if hub else {}),
         "model_type": adapter.model_type,
         "num_experts": adapter.num_experts(config),
         "top_k": int(config.num_experts_per_tok),
@@ -344,12 +360,15 @@ def check_device(device: str) -> str:
     return device
 
 
-def open_checkpoint(model: str | Path | None, output: str | Path | None, overwrite: bool):
-    """The output checked first (never inside, around or equal to the input), then the checkpoint's
-    directory, config and family adapter: the start of every job (prune, apply, search)."""
+def open_checkpoint(
+    model: str | Path | None, output: str | Path | None, overwrite: bool, revision: str | None = None
+):
+    """The checkpoint (a local directory, or a Hub id at ``revision`` from the cache or downloaded), the
+    output (never inside, around or equal to the input), then the config and family adapter: the start
+    of every job (prune, apply, search)."""
     if model is None:
         raise MoeShrinkError("no model given: moeshrink prune MODEL ... (or 'model:' in the recipe)")
-    path = resolve_checkpoint(model)
+    path = resolve_checkpoint(model, revision)
     if output is not None:
         check_output_dir(output, overwrite, source=path)
     config, adapter = load_config(path)
@@ -387,6 +406,8 @@ class CheckedJob:
     stream: bool
     device: str
     calib_paths: list[str | Path] | None
+    calib_dataset: DatasetName | None = None
+    calib_field: str = "text"
 
     def run(self) -> PruneResult:
         """Load -> calibrate -> run the steps -> update the config -> export."""
@@ -396,9 +417,16 @@ class CheckedJob:
             self.device = str(distributed.init_distributed(self.device))
         tokenizer = load_tokenizer(self.path)
         calibration = None
-        if self.calib_paths is not None:
+        if self.calib_paths is not None or self.calib_dataset is not None:
             calibration = build_calibration(
-                tokenizer, self.calib_paths, job.samples, job.seq_len, job.seed, job.calib_field
+                tokenizer,
+                self.calib_paths,
+                job.samples,
+                job.seq_len,
+                job.seed,
+                self.calib_field,
+                dataset=self.calib_dataset,
+                chat=job.chat_template,
             )
         timings["prepare"] = time.perf_counter() - start
         t = time.perf_counter()
@@ -525,7 +553,7 @@ class CheckedJob:
 
 def check_job(job: Job) -> CheckedJob:
     """Every check of a job, in the order a user fixes them; nothing is loaded or tokenised."""
-    path, config, adapter = open_checkpoint(job.model, job.output, job.overwrite)
+    path, config, adapter = open_checkpoint(job.model, job.output, job.overwrite, job.revision)
     num_experts = adapter.num_experts(config)
     experts_spec = job.step_of("experts")
     top_k_given = job.step_of("top_k")
@@ -562,9 +590,11 @@ def check_job(job: Job) -> CheckedJob:
         uniform = dict.fromkeys(range(int(config.num_hidden_layers)), keep)
         inside_sparsity(skeleton, adapter, spec.scope, uniform, sparsify_given.total_sparsity)
     wants_data = spec is not None and spec.uses_wanda
-    calib_paths = None
+    calib_paths, calib_dataset, calib_field = None, None, "text"
     if method.needs or wants_data or experts_spec.global_budget:
-        calib_paths = _check_calibration(job, method, experts_spec.global_budget, path)
+        calib_paths, calib_dataset, calib_field = _check_calibration(
+            job, method, experts_spec.global_budget, path
+        )
         positions = getattr(config, "max_position_embeddings", None)
         if positions is not None and job.seq_len > int(positions):
             raise MoeShrinkError(
@@ -573,9 +603,7 @@ def check_job(job: Job) -> CheckedJob:
             )
     reader = ShardReader(path)  # every shard present and complete, before anything is written
     if job.output is not None:
-        refit = bool(getattr(getattr(method, "settings", None), "reconstruct", False))
-        estimate = estimate_output_bytes(reader, adapter, config, keep, dtype=job.dtype, refit=refit)
-        check_free_disk(job.output, estimate)
+        check_free_disk(job.output, estimate_output_bytes(reader, adapter, config, keep))
     stream = choose_streaming(
         job.stream,
         reader,
@@ -620,21 +648,38 @@ def check_job(job: Job) -> CheckedJob:
         stream=stream,
         device=device,
         calib_paths=calib_paths,
+        calib_dataset=calib_dataset,
+        calib_field=calib_field,
     )
 
 
-def _check_calibration(job: Job, method: ExpertMethod, global_budget: bool, path: Path) -> list[str | Path]:
-    """The calibration files, checked to exist; the tokenizer, checked to be there."""
-    if not job.calib:
+def _check_calibration(
+    job: Job, method: ExpertMethod, global_budget: bool, path: Path
+) -> tuple[list[str | Path] | None, DatasetName | None, str]:
+    """The calibration files (checked to exist) or named dataset (resolved, its rows not loaded), the
+    field, and the tokenizer (checked to be there, with a chat template when one is asked for)."""
+    if not job.calib and not job.calib_dataset:
         raise MoeShrinkError(
             f"method '{method.name}'{' with a global budget' if global_budget else ''} needs calibration "
-            "text: pass --calib FILE"
+            "text: pass --calib FILE or --calib-dataset NAME"
+        )
+    if job.calib and job.calib_dataset:
+        raise MoeShrinkError("give either --calib FILE... or --calib-dataset NAME, not both")
+    if not job.calib_dataset and (job.calib_config or job.calib_split):
+        raise MoeShrinkError(
+            "--calib-config and --calib-split choose within --calib-dataset NAME: give it too"
         )
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise MoeShrinkError(f"{path} has no tokenizer files; calibration needs the model's tokenizer")
+    if job.chat_template and not has_chat_template(path):
+        raise MoeShrinkError(f"--chat-template: the tokenizer in {path} has no chat template")
+    field = job.calib_field or ("messages" if job.chat_template else "text")
+    if job.calib_dataset:
+        named = DatasetName(job.calib_dataset, job.calib_config, job.calib_split)
+        return None, check_calibration_dataset(named, field, job.chat_template), field
     paths = [job.calib] if isinstance(job.calib, (str, Path)) else list(job.calib)
     check_calibration_files(paths)
-    return paths
+    return paths, None, field
 
 
 __all__ = [

@@ -7,6 +7,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from moeshrink.info import ModelInfo
+from moeshrink.io.hub import is_hub_id
 from moeshrink.plan import PLAN_FILENAME, ModelPlan
 from moeshrink.sparsity.accounting import DENSE_NOTE, SparsityReport
 from moeshrink.verify.serving import serving_lines
@@ -58,7 +59,7 @@ def model_card(
     if calib:
         lines += [
             f"Calibration: {calib.get('samples')} sequences x {calib.get('seq_len')} tokens "
-            f"(seed {calib.get('seed')}) from {', '.join(Path(f).name for f in calib.get('files', []))}; "
+            f"(seed {calib.get('seed')}) from {calibration_source(calib)}; "
             f"sha256 of the token ids `{calib.get('sha256', '')[:16]}...`.",
             "",
         ]
@@ -87,9 +88,25 @@ def model_card(
 
 
 def source_name(plan: ModelPlan) -> str:
-    """The source model as a reader can know it: its folder name, never an absolute local path (a
-    card is meant to be published)."""
+    """The source model as a reader can know it: its Hub id, or its folder name, never an absolute
+    local path (a card is meant to be published)."""
+    hub = plan.source.get("hub")
+    if hub:
+        return f"{hub['repo_id']}` at commit `{hub['commit'][:12]}"
     return Path(plan.source.get("path", "?")).name
+
+
+def calibration_source(calib: dict) -> str:
+    """The calibration text as a reader can know it: file names, or a dataset's name, config and split
+    (a local data folder by its folder name)."""
+    dataset = calib.get("dataset")
+    if dataset is None:
+        return ", ".join(Path(f).name for f in calib.get("files", []))
+    name = dataset["name"] if is_hub_id(dataset["name"]) else Path(dataset["name"]).name
+    parts = [f"config {dataset['config']}"] if dataset.get("config") else []
+    parts += [f"split {dataset['split']}"] if dataset.get("split") else []
+    parts += ["rendered with the chat template"] if calib.get("chat_template") else []
+    return f"the dataset `{name}`" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def card_data(plan: ModelPlan) -> ModelCardData:
@@ -101,7 +118,9 @@ def card_data(plan: ModelPlan) -> ModelCardData:
             license_ = ModelCard.load(source_card).data.license
         except (ValueError, OSError):  # a README without card metadata
             license_ = None
+    hub = plan.source.get("hub")
     return ModelCardData(
+        base_model=hub["repo_id"] if hub else None,
         library_name="transformers",
         pipeline_tag="text-generation",
         license=license_,
