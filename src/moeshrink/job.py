@@ -290,10 +290,12 @@ def load_recipe(path: str | Path) -> Job:
     if not path.is_file():
         raise MoeShrinkError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         return Job.model_validate(data)
+    except UnicodeDecodeError as e:
+        raise MoeShrinkError(f"{path}: not UTF-8 text (byte {e.start}): save the recipe as UTF-8") from e
     except yaml.YAMLError as e:
-        raise MoeShrinkError(f"{path}: not valid YAML: {e}") from e
+        raise MoeShrinkError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
     except ValidationError as e:
         raise MoeShrinkError(f"{path}: {validation_message(e, 'recipe')}") from e
 
@@ -603,7 +605,9 @@ def check_job(job: Job) -> CheckedJob:
             )
     reader = ShardReader(path)  # every shard present and complete, before anything is written
     if job.output is not None:
-        check_free_disk(job.output, estimate_output_bytes(reader, adapter, config, keep))
+        refit = bool(getattr(getattr(method, "settings", None), "reconstruct", False))
+        estimate = estimate_output_bytes(reader, adapter, config, keep, dtype=job.dtype, refit=refit)
+        check_free_disk(job.output, estimate)
     stream = choose_streaming(
         job.stream,
         reader,

@@ -71,20 +71,46 @@ def load_config(path: str | Path) -> tuple[PretrainedConfig, FamilyAdapter]:
     """The config and its family adapter, without touching the weights."""
     path = resolve_checkpoint(path)
     try:
-        raw = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
         raise MoeShrinkError(
-            f"{path / 'config.json'} is not valid JSON ({e.msg}): re-download the checkpoint"
+            f"{path / 'config.json'} is not valid JSON ({reason}): re-download the checkpoint"
         ) from e
     adapter = get_adapter(raw)
-    return AutoConfig.from_pretrained(path), adapter
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, TypeError) as e:
+        raise MoeShrinkError(
+            f"{path / 'config.json'}: transformers refuses it ({' '.join(str(e).split())}): fix it or re-download"
+        ) from e
+    experts, top_k = adapter.num_experts(config), getattr(config, "num_experts_per_tok", None)
+    if isinstance(top_k, int) and top_k > experts:
+        raise MoeShrinkError(
+            f"{path / 'config.json'}: num_experts_per_tok {top_k} is more than the {experts} experts per layer: "
+            "the config is inconsistent; fix it or re-download the checkpoint"
+        )
+    return config, adapter
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The tensor -> shard map of a ``model.safetensors.index.json``, or a one-line error."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise MoeShrinkError(f"{index}: not a readable index ({e}): re-download the checkpoint") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise MoeShrinkError(
+            f"{index}: no 'weight_map' of tensor names to shard files: re-download the checkpoint"
+        )
+    return weight_map
 
 
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files the checkpoint consists of, per its index when sharded."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_weight_map(index)
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
@@ -240,6 +266,15 @@ def _from_pretrained_strict(path: Path, dtype, experts: str | None) -> nn.Module
     if mismatched:
         name = mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]
         raise MoeShrinkError(f"{path}: tensor {name} has the wrong shape for its config; re-download it")
+    # transformers has already dropped the names its model class expects to ignore (e.g. MTP layers)
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        raise MoeShrinkError(
+            f"{path}: the checkpoint has a tensor its config.json has no place for, {unexpected[0]}"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            + ": transformers would drop it silently; the config and weights disagree (e.g. the expert count): "
+            "fix config.json or re-download the checkpoint"
+        )
     return model
 
 
