@@ -71,6 +71,9 @@ from moeshrink.io.streaming import (
 )
 from moeshrink.methods import ExpertMethod, get_method
 from moeshrink.plan import LayerPlan, ModelPlan
+from moeshrink.quant import read_quantization
+from moeshrink.quant.fp8 import BlockFP8Checkpoint
+from moeshrink.quant.source import BlockFP8Layers, check_block_fp8_job
 from moeshrink.report.model_card import model_card
 from moeshrink.sparsity.accounting import SparsityReport, count_sparsity
 from moeshrink.sparsity.layer import SparsitySpec, inside_sparsity, parse_scope, scoped_parameter_names
@@ -374,6 +377,7 @@ def open_checkpoint(
     if output is not None:
         check_output_dir(output, overwrite, source=path)
     config, adapter = load_config(path)
+    read_quantization(path)  # a scheme moeshrink cannot work on is refused before anything else
     return path, config, adapter
 
 
@@ -410,6 +414,7 @@ class CheckedJob:
     calib_paths: list[str | Path] | None
     calib_dataset: DatasetName | None = None
     calib_field: str = "text"
+    quantized: BlockFP8Checkpoint | None = None  # a block-FP8 input (moeshrink.quant)
 
     def run(self) -> PruneResult:
         """Load -> calibrate -> run the steps -> update the config -> export."""
@@ -433,7 +438,19 @@ class CheckedJob:
         timings["prepare"] = time.perf_counter() - start
         t = time.perf_counter()
         sparsifies = any(isinstance(s, SparsifyStep) for s in self.steps)
-        if self.stream:
+        if self.quantized is not None:  # block-FP8: read and dequantized one layer at a time
+            source = BlockFP8Layers(
+                self.path,
+                self.config,
+                adapter,
+                self.reader,
+                self.quantized,
+                job.dtype,
+                resident=not self.stream,
+            )
+            if not self.stream:
+                source.load_all()
+        elif self.stream:
             source = StreamedLayers(
                 self.path,
                 self.config,
@@ -461,6 +478,8 @@ class CheckedJob:
             offload_hidden=job.offload_hidden,
         )
         plan = self._plan(steps, records, calibration)
+        if self.quantized is not None:
+            plan.source["quantization"] = source.describe(plan)
         update_config(
             source.model, adapter, {lp.layer: lp.num_experts_after for lp in plan.layers}, self.top_k
         )
@@ -484,7 +503,16 @@ class CheckedJob:
                 verify = (
                     verify_before_commit(plan, card, reference, progress=job.progress) if job.verify else None
                 )
-                if self.stream:
+                if self.quantized is not None:  # the input's tensors, kept experts bit-exact
+                    source.commit(
+                        plan,
+                        job.output,
+                        overwrite=job.overwrite,
+                        tokenizer=tokenizer,
+                        model_card=card(plan),
+                        before_commit=verify,
+                    )
+                elif self.stream:
                     source.commit(plan, tokenizer=tokenizer, model_card=card(plan), before_commit=verify)
                 else:
                     export_checkpoint(
@@ -556,6 +584,7 @@ class CheckedJob:
 def check_job(job: Job) -> CheckedJob:
     """Every check of a job, in the order a user fixes them; nothing is loaded or tokenised."""
     path, config, adapter = open_checkpoint(job.model, job.output, job.overwrite, job.revision)
+    scheme = read_quantization(path)  # a scheme moeshrink cannot work on is refused first
     num_experts = adapter.num_experts(config)
     experts_spec = job.step_of("experts")
     top_k_given = job.step_of("top_k")
@@ -614,6 +643,18 @@ def check_job(job: Job) -> CheckedJob:
         job.output,
         {"OWL": spec is not None and spec.method == "owl", "torchrun": distributed.world_size() > 1},
     )
+    quantized = None
+    if scheme is not None:
+        quantized, stream = check_block_fp8_job(
+            path,
+            scheme,
+            reader,
+            method=method,
+            sparsifies=spec is not None,
+            stream=job.stream,
+            output=job.output,
+            world_size=distributed.world_size(),
+        )
     if stream and experts_spec.global_budget and job.steps[0].kind != "experts":
         raise MoeShrinkError(
             "--stream measures a global budget on the unchanged model before anything is written: make the "
@@ -651,6 +692,7 @@ def check_job(job: Job) -> CheckedJob:
         global_budget=experts_spec.global_budget,
         stream=stream,
         device=device,
+        quantized=quantized,
         calib_paths=calib_paths,
         calib_dataset=calib_dataset,
         calib_field=calib_field,

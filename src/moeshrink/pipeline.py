@@ -13,6 +13,7 @@ from moeshrink.io.export import export_checkpoint, load_plan
 from moeshrink.io.streaming import ShardReader, check_free_disk, estimate_output_bytes
 from moeshrink.job import Job, PruneResult, open_checkpoint, resolve_keep, verify_by_default, versions
 from moeshrink.plan import ModelPlan
+from moeshrink.quant import refuse_quantized
 from moeshrink.report.model_card import model_card
 from moeshrink.surgery import apply_model_plan
 from moeshrink.verify import verify_before_commit
@@ -46,6 +47,7 @@ def apply_plan(
     """Re-apply a saved plan to the checkpoint it was made from (no calibration needed); the output is
     verified before it is committed unless ``verify`` is False (None: the jobs' default)."""
     path, config, adapter = open_checkpoint(model, output, overwrite)
+    refuse_quantized(path, "moeshrink apply")
     plan = plan if isinstance(plan, ModelPlan) else load_plan(plan)
     plan = plan.model_copy(update={"verification": None})  # this export's own checks replace any recorded
     if plan.sparsity:

@@ -17,6 +17,7 @@ from moeshrink.arch import FamilyAdapter, get_adapter
 from moeshrink.errors import MoeShrinkError
 from moeshrink.io.hub import is_hub_id, resolve_hub_model
 from moeshrink.plan import LayerPlan
+from moeshrink.quant import read_quantization
 from moeshrink.surgery import apply_layer_plan, set_top_k
 from moeshrink.surgery.apply import PER_LAYER_KEY, TOP_K_PER_LAYER_KEY
 from moeshrink.surgery.router_transfer import (
@@ -308,6 +309,10 @@ def load_model(
     saved with its exact router transfer routes by it unless ``exact_router`` is False (then by the
     folded rows in its standard weights, as transformers and vLLM do)."""
     path = resolve_checkpoint(path)
+    if read_quantization(path) is not None:  # block-FP8 (any other scheme is refused there)
+        from moeshrink.quant.source import load_block_fp8_model  # it builds on this module
+
+        return load_block_fp8_model(path, dtype, tokenizer)
     _, adapter = load_config(path)
     for file in weight_files(path):
         check_safetensors_file(file)

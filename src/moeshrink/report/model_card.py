@@ -9,6 +9,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from moeshrink.info import ModelInfo
 from moeshrink.io.hub import is_hub_id
 from moeshrink.plan import PLAN_FILENAME, ModelPlan
+from moeshrink.quant import card_lines
 from moeshrink.sparsity.accounting import DENSE_NOTE, SparsityReport
 from moeshrink.verify.serving import serving_lines
 
@@ -34,6 +35,7 @@ def model_card(
         f"| bytes ({after.dtype}) | {before.bytes:,} | {after.bytes:,} |",
         "",
     ]
+    lines += card_lines(plan.source.get("quantization"))
     if sparsity is not None:
         spec = plan.sparsity or {}
         if spec.get("nm"):

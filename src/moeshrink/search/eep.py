@@ -49,6 +49,7 @@ from moeshrink.methods import get_method
 from moeshrink.methods.base import ScorePruning, top_scores
 from moeshrink.methods.merging import logit_space_coefficients
 from moeshrink.plan import LayerPlan, ModelPlan, NewExpert
+from moeshrink.quant import refuse_quantized
 from moeshrink.report.model_card import model_card
 from moeshrink.search.fitness import (
     Fitness,
@@ -629,6 +630,7 @@ def search(
     (:mod:`moeshrink.surgery.router_transfer`), which ``moeshrink.load_model`` and ``moeshrink eval``
     route by; the standard weights keep the folded router for transformers and vLLM."""
     path, config, adapter = open_checkpoint(model, output, overwrite)
+    refuse_quantized(path, "moeshrink search")
     _check_family(config, adapter)
     num_experts = adapter.num_experts(config)
     top_k = int(top_k or config.num_experts_per_tok)
