@@ -201,6 +201,8 @@ def test_replacing_an_output_leaves_no_old_copy(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
 
 
+# Twelve child processes: slow. The default run kills children at chosen moments in test_faults.py.
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.5, 2.0, 4.0])
 @pytest.mark.parametrize("stream", [False, True])
 def test_killed_run_leaves_input_intact_and_no_half_output(delay, stream, tmp_path):
