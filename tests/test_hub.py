@@ -287,3 +287,14 @@ def test_hub_model_and_hub_dataset_offline_end_to_end(hub_dirs, tmp_path):
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"base_model: {REPO}" in card and f"from `{REPO}` at commit `{V1[:12]}`" in card
     assert "the dataset `org/calib` (config chat, split train, rendered with the chat template)" in card
+
+
+def test_apply_a_plan_to_the_hub_revision_it_was_made_from(offline, calib_file, tmp_path, capsys):
+    assert main(prune_argv(REPO, tmp_path / "pruned", "--revision", "v1", "--calib", str(calib_file))) == 0
+    plan = str(tmp_path / "pruned" / PLAN_FILENAME)
+    assert main(["apply", REPO, "--revision", "v1", "--plan", plan, "-o", str(tmp_path / "again")]) == 0
+    same = (tmp_path / "again" / "model.safetensors").read_bytes()
+    assert same == (tmp_path / "pruned" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["apply", REPO, "--plan", plan, "-o", str(tmp_path / "main")]) == 2  # main is another commit
+    assert "not the checkpoint this plan was made from" in one_line_error(capsys)

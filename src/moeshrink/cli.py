@@ -186,7 +186,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_apply(args: argparse.Namespace) -> int:
     from moeshrink.pipeline import apply_plan
 
-    result = apply_plan(args.model, args.plan, args.output, overwrite=args.overwrite, verify=args.verify)
+    result = apply_plan(
+        args.model,
+        args.plan,
+        args.output,
+        overwrite=args.overwrite,
+        verify=args.verify,
+        revision=args.revision,
+    )
     print(
         f"applied {args.plan}: experts per layer {result.after.experts_per_layer[0]}; wrote {result.output}"
     )
@@ -329,6 +336,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         active_experts=args.active_experts,
         progress=not args.quiet,
         verify=args.verify,
+        revision=args.revision,
     )
     if distributed.rank() == 0:
         best, state = result.best.fitness, result.state
@@ -365,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prune)
 
     p = sub.add_parser("apply", help="re-apply a saved moeshrink_plan.json to the original checkpoint")
-    p.add_argument("model")
+    p.add_argument("model", help="the original checkpoint: a directory or Hub id org/name")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit) of an org/name model")
     p.add_argument("--plan", required=True)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--overwrite", action="store_true")
@@ -430,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
         "search",
         help="EEP: evolutionary prune-and-merge search scored on a task, exported with a standard router",
     )
-    p.add_argument("model")
+    p.add_argument("model", help="checkpoint directory or Hub id org/name")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit) of an org/name model")
     p.add_argument(
         "--task", required=True, help="multiple-choice JSONL file or local task (moeshrink_<domain>)"
     )

@@ -43,10 +43,12 @@ def apply_plan(
     dtype: str = "auto",
     overwrite: bool = False,
     verify: bool | None = None,
+    revision: str | None = None,
 ) -> PruneResult:
-    """Re-apply a saved plan to the checkpoint it was made from (no calibration needed); the output is
-    verified before it is committed unless ``verify`` is False (None: the jobs' default)."""
-    path, config, adapter = open_checkpoint(model, output, overwrite)
+    """Re-apply a saved plan to the checkpoint it was made from (no calibration needed; ``revision``:
+    of a Hub id); the output is verified before it is committed unless ``verify`` is False (None: the
+    jobs' default)."""
+    path, config, adapter = open_checkpoint(model, output, overwrite, revision)
     refuse_quantized(path, "moeshrink apply")
     plan = plan if isinstance(plan, ModelPlan) else load_plan(plan)
     plan = plan.model_copy(update={"verification": None})  # this export's own checks replace any recorded

@@ -619,6 +619,7 @@ def search(
     stop_after: int | None = None,
     progress: bool = True,
     verify: bool | None = None,
+    revision: str | None = None,
 ) -> SearchResult:
     """EEP on the checkpoint at ``model``: search with the first ``items`` items of ``task`` (a local
     task name or multiple-choice JSONL) as fitness data, keep ``keep`` experts per MoE layer with
@@ -629,7 +630,7 @@ def search(
     ``exact_router`` the export also carries the exact router transfer
     (:mod:`moeshrink.surgery.router_transfer`), which ``moeshrink.load_model`` and ``moeshrink eval``
     route by; the standard weights keep the folded router for transformers and vLLM."""
-    path, config, adapter = open_checkpoint(model, output, overwrite)
+    path, config, adapter = open_checkpoint(model, output, overwrite, revision)
     refuse_quantized(path, "moeshrink search")
     _check_family(config, adapter)
     num_experts = adapter.num_experts(config)
