@@ -161,7 +161,7 @@ def render(data: dict) -> str:
         "",
         f"Model `{Path(settings['model']).name}`, {settings['samples']} x {settings['seq_len']} calibration "
         f"tokens from one domain's calib split, perplexity on up to {settings['eval_tokens']} held-out tokens "
-        f"per domain of the **{settings.get('split', PREVIOUS_TEST)}** split, on one machine (2 CPU cores). "
+        f"per domain; held-out split: **{settings.get('split', PREVIOUS_TEST)}**; on one machine (2 CPU cores). "
         "Made by (each run adds its rows to the JSON):",
         "",
         commands,

@@ -27,10 +27,10 @@ DEFAULTS = {
     "uncurl": {"seed": 0, **MERGE},
     "stun": {
         "seed": 0,
-        "align": "none",
+        "align": "weight",
         "router": "anchor",
         "reconstruct": False,
-        "mode": "representative",
+        "mode": "average",
         "coactivation": -1.0,
     },
     "none": {"seed": 0},
@@ -55,7 +55,17 @@ def test_defaults_recorded_as_before(name):
         ("msmoe", {"reconstruct": False}, {"align": "weight", "router": "logsumexp", "reconstruct": False}),
         ("uncurl", {"align": None, "ridge": 1}, {**MERGE, "ridge": 1.0}),
         ("hcsmoe", {"max_cluster_size": 3.0}, {**MERGE, "align": "none", "max_cluster_size": 3}),
-        ("stun", {"align": "activation"}, DEFAULTS["stun"]),  # representative: nothing to align
+        (  # representative: nothing to align
+            "stun",
+            {"mode": "representative", "align": "activation"},
+            {
+                "align": "none",
+                "router": "anchor",
+                "reconstruct": False,
+                "mode": "representative",
+                "coactivation": -1.0,
+            },
+        ),
         (
             "stun",
             {"mode": "average", "coactivation": 0, "reconstruct": True},

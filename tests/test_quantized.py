@@ -245,7 +245,7 @@ def test_verified_in_a_fresh_process(fp8, calib_file, tmp_path):
         ("ean", {}),
         ("reap", {}),
         ("naee", {"max_subsets": 50}),
-        ("stun", {}),
+        ("stun", {"mode": "representative"}),
     ],
 )
 def test_every_pruning_method(method, options, fp8, calib_file, tmp_path):
@@ -341,6 +341,7 @@ def test_bad_scales_are_refused(change, expected, fp8, calib_file, tmp_path):
     [
         ({"method": "msmoe"}, "method 'msmoe' merges experts"),
         ({"method": "stun", "method_options": {"mode": "average"}}, "method 'stun' merges experts"),
+        ({"method": "stun"}, "stun with --option mode=representative"),  # averaging is the default
         ({"sparsity": 0.5}, "sparsity inside its experts"),
     ],
 )

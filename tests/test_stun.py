@@ -62,7 +62,12 @@ def test_stun_groups_experts_with_the_same_router_row(checkpoints, calib_file, t
     model.save_pretrained(tmp_path / "twins")
     loaded.tokenizer.save_pretrained(tmp_path / "twins")
     result = moeshrink.prune(
-        tmp_path / "twins", "stun", keep=7, calib=calib_file, method_options={"coactivation": 0.0}, **KW
+        tmp_path / "twins",
+        "stun",
+        keep=7,
+        calib=calib_file,
+        method_options={"coactivation": 0.0, "mode": "representative"},
+        **KW,
     )
     for lp in result.plan.layers:
         merged = [e for e in lp.experts if len(e.sources) > 1]

@@ -3,8 +3,9 @@
 A merging method only decides the clusters. Each cluster becomes one new expert: its most-used
 member is the anchor, the other members are (optionally) neuron-aligned to it, and the members are
 averaged with weights proportional to how often the router chose them. The new router row is a
-combination of the members' rows (``router``; default ``logsumexp``, which served held-out text best
-in docs/quality.md, ahead of ``average`` and ``anchor`` for all three methods at 16 -> 8 and 16 -> 4):
+combination of the members' rows (``router``; default ``logsumexp``, chosen on the testbed's
+validation split, docs/defaults.md: over 16 -> 8 and 16 -> 4 it served held-out text best for hcsmoe
+and uncurl; for msmoe ``average`` was 0.3% better, inside the 1% a change of default must clear):
 
 * ``average`` — the same frequency weights as the expert weights;
 * ``anchor`` — the anchor's row alone;
@@ -13,8 +14,9 @@ in docs/quality.md, ahead of ``average`` and ``anchor`` for all three methods at
   expert then receives the probability its members had together), the logit of the summed sigmoid
   scores for sigmoid routers; fitted on calibration tokens routed to any member.
 
-With ``reconstruct`` (on by default: it lowered held-out perplexity for every merging method and
-budget in docs/quality.md) each merged expert's down projection is then re-fitted by least squares.
+With ``reconstruct`` (on by default: on the validation split it lowered perplexity for every merging
+method, router and budget; docs/defaults.md) each merged expert's down projection is then re-fitted
+by least squares.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ class MergeMethod(ExpertMethod):
         """What every merging method takes; ``align`` given as null means the method's default."""
 
         align: Align = "weight"
-        router: Router = "logsumexp"
-        reconstruct: bool = True
+        router: Router = "logsumexp"  # chosen on the validation split (docs/defaults.md)
+        reconstruct: bool = True  # chosen on the validation split (docs/defaults.md)
         ridge: float = Field(1e-2, ge=0, description="recorded only with reconstruct")
 
         @field_validator("align", mode="before")

@@ -1,4 +1,4 @@
-"""STUN phase 1 (seed 001): expert pruning by clustering router rows, with O(1) forward passes.
+"""STUN phase 1 (seed 001): experts pruned (or merged) by clustering router rows, with O(1) forward passes.
 
 Experts whose router rows are close are chosen for the same tokens, so one can stand in for the
 other. The distance between experts i and j is their router-row distance (scaled by its mean over
@@ -13,11 +13,16 @@ its aligned members (``mode="average"``). The representative keeps its own route
 (``router="anchor"``, as STUN's released code does): the removed members' rows were close to it, so
 their tokens mostly go to it. ``router="logsumexp"`` instead gives it the cluster's whole routing mass.
 
-Defaults are what served held-out text best on the testbed at 16 -> 8 (docs/quality.md): the
-representative keeps its own row (as STUN's released code does; logsumexp was worse), and
-co-activation counts as *dissimilarity* (``coactivation=-1``): experts the router picks together for
-the same token fill different top-k slots and complement each other. STUN's released code has no
-co-activation term by default (``coactivation=0``); as a similarity (``+1``) it was much worse.
+Defaults were chosen on the testbed's validation split at 16 -> 8 (docs/defaults.md; they used to
+be chosen on the test split): co-activation counts as *dissimilarity* (``coactivation=-1``): experts
+the router picks together for the same token fill different top-k slots and complement each other
+(STUN's released code has no co-activation term, ``coactivation=0``; as a similarity, ``+1``, it was
+much worse); each cluster becomes the frequency-weighted average of its aligned members
+(``mode="average"``: 1.066 against 1.087 for STUN's representative, perplexity ratio over all domain
+pairs; up to 0.2.0 the default was ``representative``, which STUN's released code uses and which
+block-FP8 checkpoints need, since averaging would re-quantize); the new expert keeps the anchor's
+router row (``router="anchor"``; ``average`` was 0.1% better, inside the 1% a change must clear,
+``logsumexp`` worse).
 
 Under a global budget (STUN's native, non-uniform setting) one threshold is shared by all layers:
 the merges of every layer are taken in order of height until the total is met, never leaving a layer
@@ -90,10 +95,10 @@ class STUN(MergeMethod):
         """STUN's defaults differ from the other merging methods' (see the module docstring)."""
 
         align: Align = Field("weight", description="none in representative mode: nothing is averaged")
-        router: Router = "anchor"
+        router: Router = "anchor"  # chosen on validation (docs/defaults.md)
         reconstruct: bool = False
-        mode: Literal["representative", "average"] = "representative"
-        coactivation: float = -1.0
+        mode: Literal["representative", "average"] = "average"  # chosen on validation (docs/defaults.md)
+        coactivation: float = -1.0  # chosen on validation (docs/defaults.md)
         threshold: float | None = Field(None, description="found under a global budget")
 
         found: ClassVar[frozenset[str]] = frozenset({"threshold"})

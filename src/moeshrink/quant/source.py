@@ -348,7 +348,8 @@ def check_block_fp8_job(
         raise MoeShrinkError(
             f"{path} is block-FP8: method '{method.name}' merges experts (or re-fits them), which would need "
             "dequantize -> merge -> re-quantize, not supported yet; use a pruning method (frequency, reap, ean, "
-            "soft_activation, naee, random, stun), or dequantize the checkpoint first"
+            "soft_activation, naee, random, or stun with --option mode=representative), or dequantize the "
+            "checkpoint first"
         )
     fp8 = open_block_fp8(path, scheme, reader)
     if stream is None:
