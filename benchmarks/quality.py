@@ -166,6 +166,7 @@ def render(data: dict) -> str:
         "",
         commands,
         "",
+        *(f"{note}\n" for note in data.get("notes", [])),
         "Unpruned perplexity: "
         + ", ".join(f"{d} {base['domains'][d]['perplexity']:.2f}" for d in domains)
         + ".",
