@@ -812,7 +812,7 @@ def test_fault(
 
 # Runs the command line with ``module.attribute`` (argv[1]) wrapped to SIGKILL the process at its
 # argv[2]-th call, before it or just after (argv[3]); an empty target kills nothing (the test kills
-# the child after a delay instead).
+# the child a delay after it says it has imported everything and starts the run).
 CHILD = """
 import importlib, itertools, os, signal, sys
 target, nth, when, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
@@ -840,8 +840,11 @@ if target:
 
     setattr(owner, attribute, hooked)
 from moeshrink.cli import main
+print(READY, file=sys.stderr, flush=True)
 sys.exit(main(argv))
 """
+READY = "fault-child: imported, running"
+CHILD = CHILD.replace("READY", repr(READY))
 
 
 @dataclass(frozen=True)
@@ -875,7 +878,7 @@ KILLS: list[Kill] = [
     *(
         Kill(f"SIGKILL {delay:g} s into a REAP run{', --stream' if stream else ''}", reap("--samples", "16", "--seq-len", "64", *(["--stream"] if stream else [])), delay=delay)
         for stream in (False, True)
-        for delay in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+        for delay in (0.05, 0.2, 0.5, 1.0, 1.5, 2.0, 3.0)
     ),
 ]
 # fmt: on
@@ -905,11 +908,15 @@ def test_killed(kill: Kill, checkpoints, calib_file, plan_source, tmp_path, tmp_
     run = subprocess.Popen(
         child, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
+    started = ""
+    while kill.delay and READY not in started and run.poll() is None:  # the delay counts from the run
+        started = run.stderr.readline() or started
     try:
         _, err = run.communicate(timeout=kill.delay or 300)
     except subprocess.TimeoutExpired:
         run.kill()
         _, err = run.communicate()
+    lines = [line for line in err.splitlines() if line.strip() and READY not in line]
     state, left = output_state(env.out, before_out), leftovers(env.out)
     intact = snapshot(env.model) == before_in
     capsys.readouterr()
@@ -932,7 +939,9 @@ def test_killed(kill: Kill, checkpoints, calib_file, plan_source, tmp_path, tmp_
         kill.name,
         "mixtral",
         str(run.returncode),
-        "(killed: no message)" if run.returncode else "(finished before the kill)",
+        {-signal.SIGKILL: "(killed: no message)", 0: "(finished before the kill)"}.get(
+            run.returncode, lines[-1] if lines else "no message"
+        ),
         intact,
         f"{described(state, left)}; the rerun exits {rerun}: {described(after_state, after_left)}",
         env,
