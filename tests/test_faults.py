@@ -519,7 +519,7 @@ CASES: list[Case] = [
     Case("budget", "keep 0", prune(keep="0"), 2, "at least 1"),
     Case("budget", "keep fewer than top-k", prune(keep="1"), 2, "fewer than the 2 each token uses"),
     Case("budget", "ratio above 1", prune("--ratio", "1.5", keep=None), 2, "must be in (0, 1)"),
-    Case("budget", "top-k 0", prune("--top-k", "0"), 2, "greater than or equal to 1"),
+    Case("budget", "top-k 0", prune("--top-k", "0"), 2, "(--top-k): Input should be greater than or equal to 1"),
     Case("budget", "top-k above the experts kept", prune("--top-k", "5"), 2, "fewer than the 5 each token uses"),
     Case("budget", "grouped routing, keep 5 (deepseek_v3)", prune(keep="5"), 2, "multiple of 2", family="deepseek_v3"),
     Case("budget", "top-k of a fixed-top-k family (phimoe)", prune("--top-k", "1"), 2, "cannot be changed", family="phimoe"),

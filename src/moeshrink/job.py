@@ -282,8 +282,15 @@ def verify_by_default() -> bool:
 
 
 def validation_message(error: ValidationError, what: str) -> str:
+    """The first problem as one line: where it is, and for a step's field the option that sets it."""
     first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or what
+    loc = first["loc"]
+    where = ".".join(str(p) for p in loc) or what
+    if len(loc) >= 3 and loc[0] == "steps":
+        key = (loc[2], loc[3] if len(loc) > 3 and loc[2] != "top_k" else None)
+        flag = next((name for name, target in SHORTHAND.items() if target == key), None)
+        if flag is not None:
+            where += f" (--{flag.replace('_', '-')})"
     return f"{where}: {first['msg']}"
 
 
