@@ -57,8 +57,40 @@ def test_eval_compares_models_side_by_side(testbed_like, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ppl wiki" in printed and "acc moeshrink_bible" in printed
     results = json.loads((tmp_path / "r.json").read_text())
-    acc = next(iter(results.values()))["tasks"]["moeshrink_bible"]["acc"]
-    assert 0.0 <= acc <= 1.0
+    assert list(results) == ["tiny-testbed", "tiny-testbed #2"]  # the same path twice: both kept
+    for result in results.values():
+        assert 0.0 <= result["tasks"]["moeshrink_bible"]["acc"] <= 1.0
+
+
+def test_eval_keeps_outputs_with_the_same_directory_name_apart(testbed_like, tmp_path, capsys):
+    """``eval a/pruned b/pruned`` keys the results by the shortest path suffix that tells them apart,
+    so neither overwrites the other."""
+    import shutil
+
+    from moeshrink.io.checkpoint import load_model
+
+    for parent in ("a", "b"):
+        shutil.copytree(testbed_like, tmp_path / parent / "pruned")
+    b = load_model(tmp_path / "b" / "pruned").model  # b differs from a: one router row zeroed
+    with torch.no_grad():
+        b.model.layers[0].mlp.gate.weight[0] = 0
+    b.save_pretrained(tmp_path / "b" / "pruned")
+    argv = ["eval", str(tmp_path / "a" / "pruned"), str(tmp_path / "b" / "pruned"), "--domains", "wiki"]
+    argv += ["--max-tokens", "512", "--no-speed", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert list(results) == ["a/pruned", "b/pruned"]
+    a_ppl, b_ppl = (results[k]["domains"]["wiki"]["perplexity"] for k in ("a/pruned", "b/pruned"))
+    assert a_ppl != b_ppl
+    printed = capsys.readouterr().out
+    assert "a/pruned" in printed and "b/pruned" in printed
+
+
+def test_result_labels():
+    from moeshrink.cli import result_labels
+
+    assert result_labels(["x/a/p", "y/a/p", "z/b/p", "q"]) == ["x/a/p", "y/a/p", "b/p", "q"]
+    assert result_labels(["m", "./m"]) == ["m", "m #2"]
 
 
 def test_eval_rejects_unknown_task_before_loading(testbed_like, capsys):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from moeshrink.errors import MoeShrinkError
 
@@ -274,6 +276,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def result_labels(models: Sequence[str]) -> list[str]:
+    """One distinct label per evaluated model: its directory name, or, where names repeat, as many
+    trailing path components as tell it apart (``a/pruned``, ``b/pruned``); the same path given again
+    is numbered (``pruned #2``)."""
+    parts = [Path(os.path.abspath(m)).parts for m in models]
+    labels = []
+    for i, mine in enumerate(parts):
+        others = {p for p in parts if p != mine}
+        depth = 1
+        while depth < len(mine) and any(p[-depth:] == mine[-depth:] for p in others):
+            depth += 1
+        label = "/".join(mine[-depth:]) if mine[1:] else str(models[i])
+        repeat = parts[:i].count(mine)
+        labels.append(f"{label} #{repeat + 1}" if repeat else label)
+    return labels
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -286,10 +305,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         resolve_tasks(args.tasks)  # unknown names fail here, before any model is loaded
     results = {}
-    for path in args.models:
+    for path, label in zip(args.models, result_labels(args.models), strict=True):
         loaded = load_model(path, args.dtype, device=args.device)
         loaded.model.to(args.device)
-        results[Path(path).name or str(path)] = evaluate_model(
+        results[label] = evaluate_model(
             loaded.model,
             loaded.tokenizer,
             data_dir=Path(args.data) if args.data else None,
