@@ -69,12 +69,13 @@ def test_packaged_tasks_exist_for_every_domain():
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_packaged_task_items_are_well_formed(domain, corpus_docs):
     path = known_tasks()[f"moeshrink_{domain}"]
-    assert validate_task_file(path) == 200
+    count = validate_task_file(path)
+    assert 100 <= count <= 200  # 200 asked; the halved test split holds fewer passages in some domains
     items = _items(path)
     assert len({it["id"] for it in items}) == len(items)
     golds = Counter(it["gold"] for it in items)
     assert set(golds) == {0, 1, 2, 3}
-    assert all(40 <= n <= 60 for n in golds.values()), golds  # balanced
+    assert max(golds.values()) - min(golds.values()) <= 1, golds  # balanced
     for it in items:
         choices, gold = it["choices"], it["gold"]
         assert len(choices) == 4 and 0 <= gold < 4
