@@ -39,7 +39,9 @@ def test_demo_writes_report_plots_and_loadable_models(testbed_like, tmp_path):
     )
     assert report == out / "report.md"
     text = report.read_text()
-    assert "| frequency | 8 | 2 |" in text and "| uncurl | 8 | 2 |" in text and "acc moeshrink_wiki" in text
+    assert (
+        "| frequency | 8 | 2 |" in text and "| uncurl | 8 | 2 |" in text and "acc_mi moeshrink_wiki" in text
+    )
     data = json.loads((out / "report.json").read_text())
     assert set(data["results"]) == {"unpruned", "frequency", "uncurl"}
     usage = data["results"]["unpruned"]["domains"]["wiki"]["expert_usage"]
@@ -55,7 +57,7 @@ def test_eval_compares_models_side_by_side(testbed_like, tmp_path, capsys):
     argv += ["--max-tokens", "512", "--no-speed", "--json", str(tmp_path / "r.json")]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "ppl wiki" in printed and "acc moeshrink_bible" in printed
+    assert "ppl wiki" in printed and "acc_mi moeshrink_bible" in printed
     results = json.loads((tmp_path / "r.json").read_text())
     assert list(results) == ["tiny-testbed", "tiny-testbed #2"]  # the same path twice: both kept
     for result in results.values():

@@ -115,3 +115,19 @@ def test_speed_counts_the_tokens_it_times(tiny_lm):
         assert math.isfinite(speed[key]) and speed[key] > 0, (key, speed[key])
     assert speed["parameter_bytes"] == parameter_bytes(model) == 4 * model.num_parameters()
     assert speed["peak_rss_bytes"] > speed["parameter_bytes"]
+
+
+def test_tables_show_mutual_information_accuracy_where_a_task_reports_it():
+    from moeshrink.report.tables import comparison_rows
+
+    local = {"acc": 0.2, "acc_stderr": 0.04, "acc_mutual_info": 0.5, "acc_mutual_info_stderr": 0.05}
+    result = {
+        "experts_per_layer": [8],
+        "top_k": 2,
+        "parameter_bytes": 2**20,
+        "domains": {"wiki": {"perplexity": 10.0}},
+        "tasks": {"moeshrink_wiki": local, "hellaswag": {"acc": 0.3, "acc_stderr": 0.01}},
+    }
+    header, rows = comparison_rows({"m": result})
+    assert header[5:7] == ["acc_mi moeshrink_wiki", "acc hellaswag"]
+    assert rows[0][5:7] == ["0.500", "0.300"]

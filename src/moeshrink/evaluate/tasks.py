@@ -9,6 +9,10 @@ Construction avoids cues that would identify the true continuation without model
 * the context ends, and every candidate starts, at a word that follows a single space in its source
   (never at a line start), so ``context + " " + choice`` is the original text for the true choice and
   equally natural-looking for the distractors;
+* distractors start where a gold may start, at least ``context_words`` words into their document: a
+  gold never comes from a document's opening, which in short documents (wiki summaries) is a formulaic
+  first sentence; drawn from anywhere, over half the wiki distractors came from there, so position
+  told them apart;
 * each distractor starts in the same *start class* as the true continuation (whether the previous
   word ends a sentence, whether the first character is upper case), so capitalisation and sentence
   boundaries carry no signal;
@@ -16,7 +20,14 @@ Construction avoids cues that would identify the true continuation without model
   bigrams, weighted by rarity in the domain), so a model that merely copies context words, e.g. the
   names of a passage, scores near chance;
 * candidates keep their source whitespace (line breaks, indentation) and have the same word count;
-* gold positions are balanced exactly over the four slots.
+* gold positions are balanced over the four slots (to within one item).
+
+Scoring: the distractors come from other documents, matched to the gold only as above; for spans
+drawn independently of the passage, the posterior that a choice is the true continuation is
+proportional to P(choice | passage) / P(choice). The task configs ask
+lm-eval for ``acc_mutual_info`` (that rule) beside ``acc`` and ``acc_norm``; reports show it as the
+task's accuracy (``report.tables.headline_accuracy``). By plain ``acc``, which favours choices likely
+anywhere, the unpruned testbed was below chance on wiki.
 
 Tasks are JSONL files with lines ``{"context": str, "choices": [str, ...], "gold": int, "id": str}``.
 The committed corpus's tasks ship in ``moeshrink/testbed/data/tasks``; rebuild them with
@@ -128,12 +139,14 @@ def _tokens(text: str) -> set[str]:
 class _CandidatePool:
     """Every possible distractor span of a domain, indexed to match a gold continuation.
 
-    A candidate is a span of ``continuation_words`` words that starts after a single space. Its start
-    class is stored; how much of a given context it copies is computed per item from an inverted index
-    of its words and bigrams.
+    A candidate is a span of ``continuation_words`` words that starts after a single space and at least
+    ``context_words`` words into its document, exactly where a gold continuation may start: a document's
+    opening words (in wiki, the formulaic "X is a ... in Y" first sentence) are never a gold, so as
+    distractors they would be told apart by position alone. Its start class is stored; how much of a
+    given context it copies is computed per item from an inverted index of its words and bigrams.
     """
 
-    def __init__(self, docs: Sequence[_Doc], continuation_words: int) -> None:
+    def __init__(self, docs: Sequence[_Doc], context_words: int, continuation_words: int) -> None:
         self.docs, self.k = docs, continuation_words
         doc_freq: dict[str, int] = {}
         for doc in docs:
@@ -148,7 +161,7 @@ class _CandidatePool:
         }
         rows, postings = [], {}
         for d, doc in enumerate(docs):
-            for j in range(1, len(doc) - continuation_words + 1):
+            for j in range(context_words, len(doc) - continuation_words + 1):
                 if doc.starts_after_space(j):
                     text = doc.span_text(j, j + continuation_words)
                     for w in _tokens(text):
@@ -225,7 +238,7 @@ def _build_domain_items(
             f"domain {domain!r} has {len(docs)} test documents; distractors come from other documents, "
             f"so at least {NUM_CHOICES} are needed"
         )
-    pool = _CandidatePool(docs, continuation_words)
+    pool = _CandidatePool(docs, context_words, continuation_words)
     # Split points, one per document per round, so that long documents do not dominate.
     per_doc = [_windows(doc, context_words, continuation_words, rng) for doc in docs]
     order = list(range(len(docs)))
@@ -265,16 +278,18 @@ def build_continuation_tasks(
     seed: int = 0,
     context_words: int = DEFAULT_CONTEXT_WORDS,
     continuation_words: int = DEFAULT_CONTINUATION_WORDS,
+    split: str = "test",
 ) -> dict[str, Path]:
-    """Write ``out_dir/moeshrink_<domain>.jsonl`` for each ``corpus_dir/<domain>/test.jsonl``.
+    """Write ``out_dir/moeshrink_<domain>.jsonl`` for each ``corpus_dir/<domain>/<split>.jsonl``.
 
-    Only the test split is read. Returns task name -> written file. Deterministic given ``seed``.
+    Only that split is read (``test`` for the shipped tasks; ``validation`` for tasks to choose on).
+    Returns task name -> written file. Deterministic given ``seed``.
     """
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
-    domains = sorted(p.parent.name for p in corpus_dir.glob("*/test.jsonl"))
+    domains = sorted(p.parent.name for p in corpus_dir.glob(f"*/{split}.jsonl"))
     if not domains:
         raise MoeShrinkError(
-            f"no <domain>/test.jsonl files under {corpus_dir}; point at a corpus directory "
+            f"no <domain>/{split}.jsonl files under {corpus_dir}; point at a corpus directory "
             f"such as {paths.corpus_dir()}"
         )
     if context_words < 1 or continuation_words < 1 or items_per_domain < 1:
@@ -283,7 +298,7 @@ def build_continuation_tasks(
     written = {}
     for domain in domains:
         items = _build_domain_items(
-            _read_docs(corpus_dir / domain / "test.jsonl"),
+            _read_docs(corpus_dir / domain / f"{split}.jsonl"),
             domain,
             items_per_domain=items_per_domain,
             seed=seed,
@@ -319,6 +334,7 @@ def task_config(name: str, path: Path) -> dict[str, Any]:
         "metric_list": [
             {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
             {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_mutual_info", "aggregation": "mean", "higher_is_better": True},
         ],
         "metadata": {"version": 1.0},
     }
@@ -476,7 +492,8 @@ def _lm_eval_task_manager(external: Sequence[str], data_dir: Path | None) -> Any
 def _lm_eval_session(progress: bool) -> Iterator[None]:
     """Offline, quiet lm-eval: force the Hugging Face offline flags (also where ``datasets`` or
     ``huggingface_hub`` were imported before the environment variables were set), lower lm-eval's and
-    datasets' logging and, unless ``progress``, hide their progress bars. Everything is restored after.
+    datasets' logging, hide datasets' progress bars and, unless ``progress``, lm-eval's (one bar per
+    run, over its requests). Everything is restored after.
     """
     import datasets
     import huggingface_hub.constants
@@ -505,15 +522,20 @@ def _lm_eval_session(progress: bool) -> Iterator[None]:
     bars_were_on = datasets.utils.logging.is_progress_bar_enabled()
     modules = (lm_eval.api.task, lm_eval.api.model, lm_eval.models.huggingface)
     saved_tqdm = [m.tqdm for m in modules]
-    if not progress:
-        datasets.utils.logging.disable_progress_bar()
+    datasets.utils.logging.disable_progress_bar()
 
-        def silent_tqdm(*args: Any, **kwargs: Any) -> Any:
-            kwargs["disable"] = True
-            return tqdm(*args, **kwargs)
+    def silent_tqdm(*args: Any, **kwargs: Any) -> Any:
+        kwargs["disable"] = True
+        return tqdm(*args, **kwargs)
 
-        for m in modules:
-            m.tqdm = silent_tqdm
+    def request_bar(*args: Any, **kwargs: Any) -> Any:
+        kwargs["leave"] = False
+        return tqdm(*args, **kwargs)
+
+    # lm-eval's bars over building and tokenising requests take a moment; the one over the model's
+    # requests (in the huggingface module) is the one worth showing.
+    for m in modules:
+        m.tqdm = request_bar if progress and m is lm_eval.models.huggingface else silent_tqdm
     try:
         yield
     finally:
@@ -544,8 +566,11 @@ def run_lm_eval(
 
     Local task names (see :func:`known_tasks`) and ``.jsonl`` paths run from their files; other names
     go to lm-eval as-is (their data must already be in the Hugging Face cache). ``limit`` caps the items
-    per task (the first ones). The model is moved to ``device`` unless it is ``None``. Returns
-    ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples"}}``.
+    per task (the first ones). The model is moved to ``device`` unless it is ``None``. lm-eval's
+    Hugging Face model runs it with each context computed once for all its choices
+    (:class:`~moeshrink.evaluate.shared_prefix.SharedPrefixLM`). Returns ``{task: {"acc", "acc_stderr",
+    "acc_norm", "acc_norm_stderr", "samples"}}``, with ``acc_mutual_info`` (and its stderr) for tasks
+    that report it, as the local ones do.
     """
     _set_offline()
     if limit is not None and limit < 1:
@@ -553,14 +578,20 @@ def run_lm_eval(
     specs, external = resolve_tasks(tasks, data_dir)
 
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
+    import torch
+
+    from moeshrink.evaluate.shared_prefix import SharedPrefixLM
 
     with _lm_eval_session(progress):
         manager = _lm_eval_task_manager(external, data_dir)
         if device is not None:
             model.to(device)
         model.eval()
-        hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        # log-probabilities and their sums in float32 (lm-eval keeps the model's dtype: bfloat16 sums
+        # round to a quarter nat and flip near-ties)
+        hflm = SharedPrefixLM(
+            pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32
+        )
         try:
             out = lm_eval.simple_evaluate(
                 model=hflm,
@@ -587,7 +618,14 @@ def run_lm_eval(
     results: dict[str, dict[str, float]] = {}
     for name, metrics in out["results"].items():
         row: dict[str, float] = {}
-        for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
+        for key in (
+            "acc",
+            "acc_stderr",
+            "acc_norm",
+            "acc_norm_stderr",
+            "acc_mutual_info",
+            "acc_mutual_info_stderr",
+        ):
             value = metrics.get(f"{key},none")
             if isinstance(value, (int, float)):
                 row[key] = float(value)
@@ -603,27 +641,31 @@ def run_lm_eval(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: build the continuation tasks from a corpus's test splits."""
+    """Command line: build the continuation tasks from a corpus's test (or validation) splits."""
     parser = argparse.ArgumentParser(
         prog="python -m moeshrink.evaluate.tasks", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--corpus", type=Path, default=paths.corpus_dir(), help="corpus dir (default: packaged)"
     )
-    parser.add_argument("--out", type=Path, default=paths.tasks_dir(), help="output dir (default: packaged)")
+    parser.add_argument("--out", type=Path, help="output dir (default: the packaged tasks, for --split test)")
+    parser.add_argument("--split", default="test", help="corpus split to build from (default test)")
     parser.add_argument("--items", type=int, default=DEFAULT_ITEMS_PER_DOMAIN, help="items per domain")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--context-words", type=int, default=DEFAULT_CONTEXT_WORDS)
     parser.add_argument("--continuation-words", type=int, default=DEFAULT_CONTINUATION_WORDS)
     args = parser.parse_args(argv)
+    if args.out is None and args.split != "test":
+        parser.error("--split other than test needs --out (the packaged tasks are built from test)")
     try:
         written = build_continuation_tasks(
             args.corpus,
-            args.out,
+            args.out or paths.tasks_dir(),
             items_per_domain=args.items,
             seed=args.seed,
             context_words=args.context_words,
             continuation_words=args.continuation_words,
+            split=args.split,
         )
     except MoeShrinkError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,6 +15,19 @@ def _tasks(results: Mapping[str, dict]) -> list[str]:
     return list(first.get("tasks", {}))
 
 
+def headline_accuracy(metrics: Mapping[str, float]) -> tuple[str, float, float]:
+    """(name, value, stderr) of the accuracy a table shows for one task: ``acc_mi`` (lm-eval's
+    ``acc_mutual_info``: the choice with the largest log P(choice | passage) - log P(choice)) where the
+    task reports it, as moeshrink's continuation tasks do, else lm-eval's ``acc``. Their distractors are
+    spans of other documents; for spans drawn independently of the passage, the posterior that a
+    choice is the true continuation is proportional to P(choice | passage) / P(choice): ``acc``
+    instead favours choices that are likely anywhere, and the unpruned testbed scored below chance by
+    it on wiki."""
+    if "acc_mutual_info" in metrics:
+        return "acc_mi", metrics["acc_mutual_info"], metrics.get("acc_mutual_info_stderr", 0.0)
+    return "acc", metrics["acc"], metrics.get("acc_stderr", 0.0)
+
+
 def comparison_rows(
     results: Mapping[str, dict], baseline: str | None = None
 ) -> tuple[list[str], list[list[str]]]:
@@ -22,7 +35,8 @@ def comparison_rows(
     task accuracy, experts, parameter bytes, speed."""
     domains, tasks = _domains(results), _tasks(results)
     header = ["model", "experts", "top-k", "MiB"]
-    header += [f"ppl {d}" for d in domains] + [f"acc {t}" for t in tasks]
+    first = next(iter(results.values())).get("tasks", {})
+    header += [f"ppl {d}" for d in domains] + [f"{headline_accuracy(first[t])[0]} {t}" for t in tasks]
     header += ["prefill tok/s", "decode tok/s"]
     rows = []
     base = results.get(baseline) if baseline else None
@@ -35,7 +49,7 @@ def comparison_rows(
                 cell += f" (x{ppl / base['domains'][d]['perplexity']:.2f})"
             row.append(cell)
         for t in tasks:
-            row.append(f"{r['tasks'][t]['acc']:.3f}")
+            row.append(f"{headline_accuracy(r['tasks'][t])[1]:.3f}")
         speed = r.get("speed", {})
         row += [
             f"{speed.get('prefill_tokens_per_s', float('nan')):.0f}",
