@@ -52,6 +52,20 @@ def test_demo_writes_report_plots_and_loadable_models(testbed_like, tmp_path):
     assert model.config.num_local_experts == 8
 
 
+def test_demo_verifies_each_output_in_a_fresh_process(testbed_like, tmp_path, monkeypatch, capsys):
+    """With verification on (as for users), each output is checked in a fresh process while the demo
+    evaluates it, and its plan and model card record the outcome, as prune writes them."""
+    monkeypatch.setenv("MOESHRINK_VERIFY", "1")
+    out = tmp_path / "demo"
+    run_demo(out, model=testbed_like, methods=["frequency"], task_limit=2, eval_tokens=256, samples=4)
+    plan = json.loads((out / "models" / "frequency" / "moeshrink_plan.json").read_text())
+    assert plan["verification"]["transformers"]["status"] == "pass"
+    assert "fresh process" in (out / "models" / "frequency" / "README.md").read_text()
+    printed = capsys.readouterr().out
+    assert "frequency: output verified in a fresh process (transformers pass" in printed
+    assert "[demo] wall time" in printed
+
+
 def test_eval_compares_models_side_by_side(testbed_like, tmp_path, capsys):
     argv = ["eval", str(testbed_like), str(testbed_like), "--tasks", "moeshrink_bible", "--task-limit", "4"]
     argv += ["--max-tokens", "512", "--no-speed", "--json", str(tmp_path / "r.json")]

@@ -1,6 +1,10 @@
 """moeshrink: shrink sparse Mixture-of-Experts language models after training."""
 
-from importlib.metadata import PackageNotFoundError, version
+from moeshrink.runtime import limit_openmp_spinning
+
+limit_openmp_spinning()  # before anything imports torch: see moeshrink.runtime
+
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 
 try:
     __version__ = version("moeshrink")  # declared once, in pyproject.toml

@@ -296,32 +296,36 @@ def result_labels(models: Sequence[str]) -> list[str]:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moeshrink.evaluate.suite import evaluate_model
+    from moeshrink.evaluate.suite import compute_dtype, evaluate_model
     from moeshrink.io.checkpoint import load_model
     from moeshrink.report.tables import comparison_rows, text_table
+    from moeshrink.runtime import keep_freed_memory
 
     if args.tasks:
         from moeshrink.evaluate.tasks import resolve_tasks
 
         resolve_tasks(args.tasks)  # unknown names fail here, before any model is loaded
     results = {}
-    for path, label in zip(args.models, result_labels(args.models), strict=True):
-        loaded = load_model(path, args.dtype, device=args.device)
-        loaded.model.to(args.device)
-        results[label] = evaluate_model(
-            loaded.model,
-            loaded.tokenizer,
-            data_dir=Path(args.data) if args.data else None,
-            domains=args.domains,
-            split=args.split,
-            tasks=args.tasks,
-            task_limit=args.task_limit,
-            max_tokens=args.max_tokens,
-            seq_len=args.seq_len,
-            usage=False,
-            speed=not args.no_speed,
-            device=args.device,
-        )
+    with keep_freed_memory():  # large tensors reused, not page-faulted in anew: see moeshrink.runtime
+        for path, label in zip(args.models, result_labels(args.models), strict=True):
+            loaded = load_model(path, args.dtype, device=args.device)
+            loaded.model.to(args.device)
+            if args.dtype == "auto":
+                loaded.model.to(compute_dtype(loaded.model.dtype, args.device))
+            results[label] = evaluate_model(
+                loaded.model,
+                loaded.tokenizer,
+                data_dir=Path(args.data) if args.data else None,
+                domains=args.domains,
+                split=args.split,
+                tasks=args.tasks,
+                task_limit=args.task_limit,
+                max_tokens=args.max_tokens,
+                seq_len=args.seq_len,
+                usage=False,
+                speed=not args.no_speed,
+                device=args.device,
+            )
     header, rows = comparison_rows(results, baseline=next(iter(results)) if len(results) > 1 else None)
     print(text_table(header, rows))
     if args.json:
@@ -437,7 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32768, help="held-out tokens per domain (default 32768)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto: the checkpoint's, computed in float32 on a CPU without native bfloat16 (exact upcast)",
+    )
     p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_eval)
