@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -134,17 +131,3 @@ def test_tables_show_mutual_information_accuracy_where_a_task_reports_it():
     header, rows = comparison_rows({"m": result})
     assert header[5:7] == ["acc_mi moeshrink_wiki", "acc hellaswag"]
     assert rows[0][5:7] == ["0.500", "0.300"]
-
-
-def test_compute_dtype_upcasts_half_precision_on_a_cpu_without_it():
-    from moeshrink.evaluate.suite import compute_dtype, cpu_has_native_bf16
-
-    assert compute_dtype(torch.float32) == torch.float32
-    assert compute_dtype(torch.float16) == torch.float32
-    assert compute_dtype(torch.bfloat16, "cuda") == torch.bfloat16
-    assert compute_dtype(torch.bfloat16) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
-    # PyTorch's kernels limited to AVX2 (as on a CPU without AVX-512): float32
-    code = "import torch; from moeshrink.evaluate.suite import compute_dtype; print(compute_dtype(torch.bfloat16))"
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "torch.float32"

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from moeshrink.runtime import SPIN_COUNT, keep_freed_memory
+from moeshrink.runtime import SPIN_COUNT, compute_dtype, cpu_has_native_bf16, keep_freed_memory
 
 SHOW = "import os, sys; {first}; print(os.environ.get('GOMP_SPINCOUNT'))"
 
@@ -49,3 +49,15 @@ def test_keep_freed_memory_reuses_large_allocations_and_restores_the_defaults():
         assert _faults_of_second_allocation(64) < pages // 10  # reused from the heap
     # after it, a tensor larger than the free memory kept in the heap is mapped afresh again
     assert _faults_of_second_allocation(256) > 4 * pages // 2
+
+
+def test_compute_dtype_upcasts_half_precision_on_a_cpu_without_it():
+    assert compute_dtype(torch.float32) == torch.float32
+    assert compute_dtype(torch.float16) == torch.float32
+    assert compute_dtype(torch.bfloat16, "cuda") == torch.bfloat16
+    assert compute_dtype(torch.bfloat16) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    # PyTorch's kernels limited to AVX2 (as on a CPU without AVX-512): float32
+    code = "import torch; from moeshrink.runtime import compute_dtype; print(compute_dtype(torch.bfloat16))"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch.float32"

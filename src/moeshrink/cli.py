@@ -296,10 +296,10 @@ def result_labels(models: Sequence[str]) -> list[str]:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moeshrink.evaluate.suite import compute_dtype, evaluate_model
+    from moeshrink.evaluate.suite import evaluate_model
     from moeshrink.io.checkpoint import load_model
     from moeshrink.report.tables import comparison_rows, text_table
-    from moeshrink.runtime import keep_freed_memory
+    from moeshrink.runtime import compute_dtype, keep_freed_memory
 
     if args.tasks:
         from moeshrink.evaluate.tasks import resolve_tasks

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from moeshrink.evaluate.suite import compute_dtype, evaluate_model
+from moeshrink.evaluate.suite import evaluate_model
 from moeshrink.extras import require_extra
 from moeshrink.io.checkpoint import load_model
 from moeshrink.io.export import atomic_directory
@@ -23,7 +23,7 @@ from moeshrink.methods import METHODS
 from moeshrink.pipeline import prune
 from moeshrink.plan import LayerPlan, ModelPlan
 from moeshrink.report.model_card import model_card
-from moeshrink.runtime import keep_freed_memory
+from moeshrink.runtime import compute_dtype, keep_freed_memory
 from moeshrink.testbed.paths import DOMAINS, corpus_dir, testbed_model_dir
 from moeshrink.verify import verify_before_commit
 

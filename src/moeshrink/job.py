@@ -75,6 +75,7 @@ from moeshrink.quant import read_quantization
 from moeshrink.quant.fp8 import BlockFP8Checkpoint
 from moeshrink.quant.source import BlockFP8Layers, check_block_fp8_job
 from moeshrink.report.model_card import model_card
+from moeshrink.runtime import compute_dtype
 from moeshrink.sparsity.accounting import SparsityReport, count_sparsity
 from moeshrink.sparsity.layer import SparsitySpec, inside_sparsity, parse_scope, scoped_parameter_names
 from moeshrink.sparsity.masks import validate_sparsity
@@ -470,6 +471,7 @@ class CheckedJob:
         else:
             source = ResidentLayers(load_model(self.path, job.dtype, tokenizer, self.device).model, adapter)
         timings["load"] = time.perf_counter() - t
+        compute = compute_dtype(source.model.dtype, self.device)  # what the layer loop computes in
         before = describe_model(source.model, adapter)
 
         t = time.perf_counter()
@@ -484,7 +486,7 @@ class CheckedJob:
             progress=job.progress and distributed.rank() == 0,
             offload_hidden=job.offload_hidden,
         )
-        plan = self._plan(steps, records, calibration)
+        plan = self._plan(steps, records, calibration, compute)
         if self.quantized is not None:
             plan.source["quantization"] = source.describe(plan)
         update_config(
@@ -540,8 +542,11 @@ class CheckedJob:
         result.seconds = timings
         return result
 
-    def _plan(self, steps: list[LayerStep], records: list[dict[int, Any]], calibration) -> ModelPlan:
-        """The plan: the experts step's layer plans with each layer's sparsity attached."""
+    def _plan(
+        self, steps: list[LayerStep], records: list[dict[int, Any]], calibration, compute: torch.dtype
+    ) -> ModelPlan:
+        """The plan: the experts step's layer plans with each layer's sparsity attached (``compute``:
+        the dtype the layer loop computed in)."""
         by_kind = {s.kind: (s, done) for s, done in zip(steps, records, strict=True)}
         experts, planned = by_kind["experts"]
         layer_plans: list[LayerPlan] = list(planned.values())
@@ -568,7 +573,11 @@ class CheckedJob:
             top_k=self.top_k,
             source=source_info(self.path, self.adapter, self.config),
             calibration=calibration.info
-            | {"error_propagation": self.job.error_propagation, "processes": distributed.world_size()}
+            | {
+                "error_propagation": self.job.error_propagation,
+                "processes": distributed.world_size(),
+                "compute_dtype": str(compute).removeprefix("torch."),
+            }
             if calibration
             else None,
             sparsity=summary,

@@ -12,7 +12,7 @@ they left it, then is prepared from what that pass measured. Every pass is :func
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from moeshrink.engine.observers import LayerObserver, LayerStats, LinearInputObs
 from moeshrink.engine.offload import LayerSource, ResidentLayers, SpilledBatches
 from moeshrink.engine.steps import LayerStep, LayerView, MeasureStep
 from moeshrink.errors import MoeShrinkError
+from moeshrink.runtime import compute_dtype
 
 
 @dataclass
@@ -37,15 +38,48 @@ class LayerInputs:
     layer_kwargs: list[list[dict]]  # [layer][batch]
 
 
-def move_to_device(value, device):
-    """``value`` (a tensor, or tuples and dicts of them) on ``device``."""
+def move_to_device(value, device, dtype: torch.dtype | None = None):
+    """``value`` (a tensor, or tuples and dicts of them) on ``device``, its floating tensors in
+    ``dtype`` when given."""
     if isinstance(value, torch.Tensor):
+        if dtype is not None and value.is_floating_point():
+            return value.to(device, dtype)
         return value.to(device)
     if isinstance(value, tuple):
-        return tuple(move_to_device(v, device) for v in value)
+        return tuple(move_to_device(v, device, dtype) for v in value)
     if isinstance(value, dict):
-        return {k: move_to_device(v, device) for k, v in value.items()}
+        return {k: move_to_device(v, device, dtype) for k, v in value.items()}
     return value
+
+
+def _layer_tensors(layer: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from layer.named_parameters()
+    yield from layer.named_buffers()
+
+
+def _to_compute(layer: nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """Move ``layer`` to ``device`` (and its floating tensors to ``dtype`` when given); returns each
+    tensor's dtype before, for :func:`_to_home`."""
+    before = {name: t.dtype for name, t in _layer_tensors(layer)}
+    layer.to(device)
+    if dtype is not None:
+        layer.to(dtype)
+    return before
+
+
+def _to_home(
+    layer: nn.Module, home: torch.device, before: dict[str, torch.dtype], dtype: torch.dtype
+) -> None:
+    """Undo :func:`_to_compute`: every tensor back to ``home`` in its own dtype from before (a float32
+    router stays float32); a tensor a step created while the layer computed in another dtype is
+    stored in ``dtype``, the model's."""
+    layer.to(home)
+    for name, tensor in _layer_tensors(layer):
+        if not tensor.is_floating_point():
+            continue
+        wanted = before.get(name, dtype)
+        if tensor.dtype != wanted:
+            tensor.data = tensor.data.to(wanted)
 
 
 @torch.no_grad()
@@ -56,9 +90,11 @@ def capture_layer_inputs(
     batch_size: int,
     device: torch.device,
     hidden_store: SpilledBatches | None = None,
+    dtype: torch.dtype | None = None,
 ) -> LayerInputs:
     """Run the embedding and record what every decoder layer is called with, without running the layers
-    (the first layer's hidden states go to ``hidden_store`` when given, e.g. spilled to disk)."""
+    (the first layer's hidden states go to ``hidden_store`` when given, e.g. spilled to disk); floating
+    inputs are kept in ``dtype`` when given."""
     layers = adapter.decoder_layers(model)
     base = model.model
     records: list[list[dict]] = [[] for _ in layers]
@@ -69,8 +105,9 @@ def capture_layer_inputs(
             kwargs = dict(kwargs)
             states = args[0] if args else kwargs.pop("hidden_states")
             if i == 0:
-                hidden.append(states)
-            records[i].append({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")})
+                hidden.append(move_to_device(states, states.device, dtype))
+            kept = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+            records[i].append(move_to_device(kept, states.device, dtype))
 
         return hook
 
@@ -189,18 +226,22 @@ def layer_pass(
         a.wants_data(layers[i], moe_by_index.get(i)) for i in visited for a in actions
     )
     home = next(model.parameters()).device
+    # half precision on a CPU without native arithmetic for it: each layer computes in float32 while it
+    # is visited (see moeshrink.runtime.compute_dtype) and goes back to its own dtypes after
+    compute = compute_dtype(model.dtype, device)
+    upcast = compute if compute != model.dtype else None
     cached = hidden = None
     if wants_data:
         store = None if offload_hidden is None else SpilledBatches(offload_hidden, device)
-        cached = capture_layer_inputs(model, adapter, input_ids, batch_size, device, store)
+        cached = capture_layer_inputs(model, adapter, input_ids, batch_size, device, store, upcast)
         hidden = cached.hidden
     bar = tqdm(layers[: last + 1], desc=desc, unit="layer", disable=not progress or not wants_data)
     for index, decoder_layer in enumerate(bar):
         moe = moe_by_index.get(index)
         source.load(index)
-        kwargs = None
+        kwargs = dtypes = None
         if wants_data:
-            decoder_layer.to(device)
+            dtypes = _to_compute(decoder_layer, device, upcast)
             kwargs = [move_to_device(kw, device) for kw in cached.layer_kwargs[index]]
         outputs = None  # the layer's outputs before any action changed it
         changed = False
@@ -223,7 +264,7 @@ def layer_pass(
                 outputs = run_layer(decoder_layer, hidden, kwargs)
             hidden = outputs
         if wants_data:
-            decoder_layer.to(home)
+            _to_home(decoder_layer, home, dtypes, model.dtype)
         source.release(index, write=write)
     return results
 

@@ -5,34 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from moeshrink.arch import get_adapter
 from moeshrink.evaluate.perplexity import evaluate_domains, held_out_files
 from moeshrink.evaluate.speed import measure_speed, parameter_bytes
 from moeshrink.testbed import paths
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX, and PyTorch's kernels use
-    AVX-512: ``ATEN_CPU_CAPABILITY=avx2`` turns that off)."""
-    cpu = torch.cpu
-    has = [
-        getattr(cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    ]
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and any(f() for f in has)
-
-
-def compute_dtype(dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
-    """The dtype to evaluate a model of ``dtype`` in: on a CPU without native half-precision arithmetic,
-    float32 (upcasting is exact; a bfloat16 forward of the testbed takes 3.5 times the CPU time of a
-    float32 one with AVX2 only, while with AVX-512 BF16 it takes 0.4 times); else ``dtype``."""
-    if torch.device(device).type != "cpu":
-        return dtype
-    if dtype == torch.float16 or (dtype == torch.bfloat16 and not cpu_has_native_bf16()):
-        return torch.float32
-    return dtype
 
 
 def evaluate_model(
@@ -56,7 +34,8 @@ def evaluate_model(
 
     Perplexity is measured on ``data_dir/<domain>/<split>.jsonl``: ``test`` for numbers to report,
     ``validation`` for choosing defaults and options (the testbed corpus has both). The model is
-    evaluated in its own dtype (see :func:`compute_dtype`). ``progress`` shows a bar over the
+    evaluated in its own dtype (see
+    :func:`moeshrink.runtime.compute_dtype`). ``progress`` shows a bar over the
     perplexity windows and lm-eval's requests.
     """
     data_dir = data_dir or paths.corpus_dir()
