@@ -1,11 +1,19 @@
-"""Train ``moeshrink-tiny``: a Mixtral-architecture MoE (16 experts, top-2, 4 layers, hidden 256)
-trained from scratch on the four-domain testbed corpus, with the load-balancing loss.
+"""Train the testbed MoEs from scratch on the four-domain testbed corpus.
+
+* ``mixtral`` (``moeshrink-tiny``): Mixtral architecture, 16 experts, top-2, 4 layers, hidden 256,
+  with Mixtral's load-balancing loss.
+* ``deepseek_v3`` (``moeshrink-tiny-ds3``): the fine-grained shape of current MoEs: DeepSeek-V3
+  architecture, 64 routed experts of width 64 in 4 groups (2 chosen per token), top-6, one shared
+  expert, a dense first layer, sigmoid routing balanced without a loss by DeepSeek-V3's correction
+  bias (after each step every expert's bias moves by ``bias_update`` towards the mean load), the
+  router stored in float32.
 
 Each training sequence comes from one domain and every batch holds the same number of sequences
 from each domain, so experts can specialise by domain. The result is saved in bf16 with the
-testbed tokenizer and a ``training_record.json`` (seed, steps, tokens seen, losses, time).
+testbed tokenizer and a ``training_record.json`` (seed, steps, tokens seen, losses, load, time).
 
-Run ``moeshrink testbed train`` (or ``python -m moeshrink.testbed.train``); about 30 minutes on 2 CPU cores.
+Run ``moeshrink testbed train --out DIR [--shape deepseek_v3]`` (or ``python -m
+moeshrink.testbed.train``); about 40 minutes each on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -20,7 +28,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DeepseekV3Config,
+    MixtralConfig,
+    PretrainedConfig,
+)
 
 from moeshrink.engine.data import read_documents, tokenize_documents
 from moeshrink.testbed import paths
@@ -45,9 +59,52 @@ class TrainSettings:
     top_k: int = 2
     heads: int = 4
     kv_heads: int = 2
+    shape: str = "mixtral"
+    # deepseek_v3 only
+    groups: int = 4
+    groups_per_token: int = 2
+    shared_experts: int = 1
+    dense_layers: int = 1
+    bias_update: float = 0.001
 
 
-def testbed_config(s: TrainSettings, vocab_size: int, eos_id: int) -> MixtralConfig:
+SHAPES: dict[str, dict] = {
+    "mixtral": {},
+    # as many active expert parameters per token as the mixtral testbed (6 x 64 + 64 shared vs 2 x 256)
+    "deepseek_v3": dict(experts=64, top_k=6, intermediate_size=64, router_aux_loss_coef=0.0),
+}
+MODEL_NAMES = {"mixtral": "moeshrink-tiny", "deepseek_v3": "moeshrink-tiny-ds3"}
+
+
+def testbed_config(s: TrainSettings, vocab_size: int, eos_id: int) -> PretrainedConfig:
+    if s.shape == "deepseek_v3":
+        return DeepseekV3Config(
+            vocab_size=vocab_size,
+            hidden_size=s.hidden_size,
+            intermediate_size=4 * s.hidden_size,  # the dense first layer
+            moe_intermediate_size=s.intermediate_size,
+            num_hidden_layers=s.layers,
+            first_k_dense_replace=s.dense_layers,
+            num_attention_heads=s.heads,
+            num_key_value_heads=s.heads,
+            n_routed_experts=s.experts,
+            num_experts_per_tok=s.top_k,
+            n_group=s.groups,
+            topk_group=s.groups_per_token,
+            n_shared_experts=s.shared_experts,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            q_lora_rank=None,
+            kv_lora_rank=64,
+            qk_rope_head_dim=16,
+            qk_nope_head_dim=32,
+            v_head_dim=32,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id,
+        )
     return MixtralConfig(
         vocab_size=vocab_size,
         hidden_size=s.hidden_size,
@@ -98,6 +155,45 @@ def domain_losses(
     return out
 
 
+def _is_router(name: str) -> bool:
+    return ".mlp.gate." in name
+
+
+class BiasBalancer:
+    """DeepSeek-V3's auxiliary-loss-free balancing: count each expert's tokens in a step (a hook on
+    every router), then move each expert's ``e_score_correction_bias`` by ``rate`` up if it got
+    fewer than the mean and down if more. The bias changes which experts are chosen, never the
+    weights they get."""
+
+    def __init__(self, model, rate: float) -> None:
+        self.rate = rate
+        self.routers = [m for n, m in model.named_modules() if n.endswith("mlp.gate")]
+        self.loads = [torch.zeros(r.num_experts) for r in self.routers]
+        self.handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
+
+    def _hook(self, i: int):
+        def count(module, args, output) -> None:
+            indices = output[2]
+            self.loads[i] += torch.bincount(indices.flatten(), minlength=self.loads[i].numel()).float()
+
+        return count
+
+    @torch.no_grad()
+    def step(self) -> float:
+        """Update every bias from the loads since the last step; returns the largest load over the mean."""
+        worst = 0.0
+        for router, load in zip(self.routers, self.loads, strict=True):
+            mean = load.mean()
+            router.e_score_correction_bias += self.rate * torch.sign(mean - load)
+            worst = max(worst, float(load.max() / mean)) if mean > 0 else worst
+            load.zero_()
+        return worst
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def train(corpus: Path, out_dir: Path, settings: TrainSettings, log_every: int = 50) -> dict:
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer_dir())
@@ -122,6 +218,7 @@ def train(corpus: Path, out_dir: Path, settings: TrainSettings, log_every: int =
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     generator = torch.Generator().manual_seed(settings.seed)
+    balancer = BiasBalancer(model, settings.bias_update) if settings.shape == "deepseek_v3" else None
     history, recent = [], []
     start = time.time()
     for step in range(settings.steps):
@@ -132,13 +229,18 @@ def train(corpus: Path, out_dir: Path, settings: TrainSettings, log_every: int =
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        lm_loss = float(out.loss - settings.router_aux_loss_coef * out.aux_loss)
+        aux = getattr(out, "aux_loss", None)
+        lm_loss = (
+            float(out.loss - settings.router_aux_loss_coef * aux) if aux is not None else float(out.loss)
+        )
         recent.append(lm_loss)
+        imbalance = balancer.step() if balancer is not None else None
         if (step + 1) % log_every == 0 or step + 1 == settings.steps:
             entry = {
                 "step": step + 1,
                 "lm_loss": sum(recent) / len(recent),
-                "aux_loss": float(out.aux_loss),
+                "aux_loss": float(aux) if aux is not None else None,
+                "max_load_over_mean": imbalance,
                 "lr": scheduler.get_last_lr()[0],
                 "seconds": round(time.time() - start, 1),
             }
@@ -146,10 +248,12 @@ def train(corpus: Path, out_dir: Path, settings: TrainSettings, log_every: int =
             print(json.dumps(entry), flush=True)
             recent = []
     seconds = time.time() - start
+    if balancer is not None:
+        balancer.close()
     model.config.output_router_logits = False
     test_losses = domain_losses(model, test_streams, settings.seq_len)
     record = {
-        "model": "moeshrink-tiny",
+        "model": MODEL_NAMES[settings.shape],
         "settings": asdict(settings),
         "parameters": sum(p.numel() for p in model.parameters()),
         "tokens_seen": settings.steps * settings.seq_len * settings.sequences_per_domain * len(DOMAINS),
@@ -161,7 +265,15 @@ def train(corpus: Path, out_dir: Path, settings: TrainSettings, log_every: int =
         "history": history,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(out_dir)
+    routers = {
+        n: t.detach().clone()
+        for n, t in model.state_dict().items()
+        if t.dtype == torch.float32 and _is_router(n)
+    }
+    model.to(torch.bfloat16)
+    if settings.shape == "deepseek_v3":  # as DeepSeek-V3 ships: the router and its bias in float32
+        model.load_state_dict(routers, strict=False, assign=True)
+    model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "training_record.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
@@ -175,8 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=TrainSettings.steps)
     parser.add_argument("--seed", type=int, default=TrainSettings.seed)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="mixtral", help="which testbed")
     args = parser.parse_args(argv)
-    record = train(args.corpus, args.out, TrainSettings(steps=args.steps, seed=args.seed))
+    settings = TrainSettings(steps=args.steps, seed=args.seed, shape=args.shape, **SHAPES[args.shape])
+    record = train(args.corpus, args.out, settings)
     print(json.dumps({k: v for k, v in record.items() if k != "history"}, indent=1))
     return 0
 
