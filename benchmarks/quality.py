@@ -37,7 +37,15 @@ TIME_NOTE = (
 )
 
 # Variant keys that are arguments of prune() (sparsity, budgets), not options of the method.
-PRUNE_KEYS = ("total_sparsity", "sparsity", "sparsity_method", "sparsity_scope", "nm", "global_budget")
+PRUNE_KEYS = (
+    "total_sparsity",
+    "sparsity",
+    "sparsity_method",
+    "sparsity_scope",
+    "owl_lambda",
+    "nm",
+    "global_budget",
+)
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:

@@ -203,6 +203,26 @@ def test_total_sparsity_is_reached_exactly_and_accounted(sparsity_method, checkp
     assert "Total sparsity asked 55.0%" in (tmp_path / "o" / "README.md").read_text()
 
 
+@pytest.mark.parametrize("lam", [0.0, 0.02])
+def test_owl_lambda_bounds_each_layers_sparsity(lam, checkpoints, calib_file):
+    """``owl_lambda`` reaches OWL's layer ratios and the plan: 0 is uniform (Wanda's budget), 0.02 keeps
+    every layer within 0.02 of the mean and still varies them."""
+    result = moeshrink.prune(
+        checkpoints["mixtral"],
+        "none",
+        sparsity=0.5,
+        sparsity_method="owl",
+        owl_lambda=lam,
+        calib=calib_file,
+        **KW,
+    )
+    per_layer = [lp.sparsity["sparsity"] for lp in result.plan.layers]
+    assert result.plan.sparsity["owl_lambda"] == lam
+    assert sum(per_layer) / len(per_layer) == pytest.approx(0.5)
+    assert all(abs(s - 0.5) <= lam + 1e-9 for s in per_layer)
+    assert (len(set(per_layer)) == 1) == (lam == 0.0)
+
+
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe"])
 def test_scope_all_prunes_attention_and_dense_but_not_routers(family, checkpoints, calib_file, tmp_path):
     result = moeshrink.prune(
@@ -243,6 +263,8 @@ def test_attention_scope_alone_leaves_experts_dense(checkpoints, calib_file):
         ({"method": "stun", "ratio": 0.9, "total_sparsity": 0.95}, "top-k"),
         ({"method": "none", "sparsity": 0.5, "total_sparsity": 0.5}, "not both"),
         ({"method": "none", "nm": "2:4", "sparsity_method": "owl"}, "OWL sets a sparsity per layer"),
+        ({"method": "none", "sparsity": 0.5, "owl_lambda": 0.1}, "needs --sparsity-method owl, not wanda"),
+        ({"method": "none", "sparsity": 0.5, "sparsity_method": "owl", "owl_lambda": -0.1}, "owl_lambda"),
         ({"method": "none", "sparsity": 0.5, "sparsity_scope": "heads"}, "unknown sparsity scope"),
         ({"method": "stun", "keep": 4, "method_options": {"mode": "median"}}, "stun mode must be one of"),
     ],

@@ -83,6 +83,11 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
         help="wanda (default), owl (wanda scores, sparsity per layer from its outliers) or magnitude",
     )
     p.add_argument(
+        "--owl-lambda",
+        type=float,
+        help="with --sparsity-method owl: how far a layer's sparsity may move from the mean (default 0.08)",
+    )
+    p.add_argument(
         "--sparsity-scope",
         help="what sparsity prunes: experts (default), attention, dense (shared experts, dense MLPs), "
         "comma-separated, or all",

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,6 +105,8 @@ class SparsifySpec(BaseModel):
     method: str = "wanda"
     nm: str | None = None
     scope: str | list[str] | None = None
+    # OWL only: how far a layer's sparsity may move from the mean (None: OWL's 0.08)
+    owl_lambda: float | None = Field(None, ge=0)
 
 
 class StunSpec(BaseModel):
@@ -150,6 +152,7 @@ SHORTHAND = {
     "sparsity_method": ("sparsify", "method"),
     "nm": ("sparsify", "nm"),
     "sparsity_scope": ("sparsify", "scope"),
+    "owl_lambda": ("sparsify", "owl_lambda"),
 }
 # Shorthand fields that alone make a step (the others only qualify one).
 MAKES_STEP = {"method", "top_k", "sparsity", "total_sparsity", "nm"}
@@ -391,15 +394,21 @@ def open_checkpoint(
 
 def sparsify_spec(s: SparsifySpec) -> SparsitySpec:
     """The sparsity of a step (with a total budget the fraction inside is resolved later)."""
+    if s.owl_lambda is not None and s.method != "owl":
+        raise MoeShrinkError(
+            f"--owl-lambda sets how far OWL moves each layer's sparsity: it needs --sparsity-method owl, "
+            f"not {s.method}"
+        )
     if s.total_sparsity is not None:
         if s.sparsity is not None or s.nm:
             raise MoeShrinkError("give either --total-sparsity or --sparsity / --nm, not both")
         validate_sparsity(s.total_sparsity, "total sparsity")
-        return SparsitySpec(0.0, s.method, scope=parse_scope(s.scope))
-    spec = SparsitySpec.parse(s.sparsity, s.method, s.nm, s.scope)
-    if spec is None:
-        raise MoeShrinkError("a sparsify step needs sparsity, total_sparsity or nm")
-    return spec
+        spec = SparsitySpec(0.0, s.method, scope=parse_scope(s.scope))
+    else:
+        spec = SparsitySpec.parse(s.sparsity, s.method, s.nm, s.scope)
+        if spec is None:
+            raise MoeShrinkError("a sparsify step needs sparsity, total_sparsity or nm")
+    return spec if s.owl_lambda is None else replace(spec, owl_lambda=s.owl_lambda)
 
 
 @dataclass
