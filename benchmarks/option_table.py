@@ -4,9 +4,12 @@ Reads a results file of benchmarks/quality.py and prints, per variant (method an
 perplexity ratio to the unpruned model as a geometric mean over the calibration domains: on the
 calibrated domain, on the other domains, and over all (calibration, evaluation) domain pairs; the
 last column is that over every budget given. The lowest per method and column is in bold. This is
-the rule that chose the defaults in docs/defaults.md.
+the rule that chose the defaults in docs/defaults.md. ``--variants`` shows only the variants named
+(exactly as in the results file); ``--total-sparsity`` shows the rows pruned to a total sparsity
+(Wanda / OWL / STUN + Wanda), which are otherwise left out.
 
     python benchmarks/option_table.py docs/validation_study.json --keep 8 4 --methods msmoe hcsmoe uncurl
+    python benchmarks/option_table.py docs/validation_study.json --keep 16 --total-sparsity --methods none
 """
 
 from __future__ import annotations
@@ -33,15 +36,24 @@ def geo(logs: list[float]) -> float:
     return math.exp(sum(logs) / len(logs)) if logs else math.nan
 
 
-def option_rows(data: dict, keeps: list[int], methods: list[str] | None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the study table for ``keeps`` and the variants of ``methods``."""
+def option_rows(
+    data: dict,
+    keeps: list[int],
+    methods: list[str] | None,
+    variants: list[str] | None = None,
+    total_sparsity: bool = False,
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the study table for ``keeps`` and the variants of ``methods`` (only those in
+    ``variants`` when given); rows pruned to a total sparsity instead of the others with ``total_sparsity``."""
     base = data["baseline"]
     cells: dict[str, dict[int, dict[str, list[float]]]] = {}
     for key, row in data["rows"].items():
         variant, keep, calibrated = key.split("|")
-        if int(keep) not in keeps or "total_sparsity" in row.get("sparsity", {}) or "+global" in variant:
+        if int(keep) not in keeps or "+global" in variant:
             continue  # equal per-layer budgets only
-        if methods and variant.split(":")[0] not in methods:
+        if ("total_sparsity" in row.get("sparsity", {})) != total_sparsity:
+            continue
+        if (methods and variant.split(":")[0] not in methods) or (variants and variant not in variants):
             continue
         own, other = log_ratios(row, base, calibrated)
         slot = cells.setdefault(variant, {}).setdefault(int(keep), {"own": [], "other": []})
@@ -83,12 +95,14 @@ def main() -> None:
     parser.add_argument("results", type=Path, help="OUT.json of benchmarks/quality.py")
     parser.add_argument("--keep", type=int, nargs="+", required=True)
     parser.add_argument("--methods", nargs="+", help="base method names (default: all)")
+    parser.add_argument("--variants", nargs="+", help="only these variants (METHOD:options, as in the file)")
+    parser.add_argument("--total-sparsity", action="store_true", help="the rows pruned to a total sparsity")
     args = parser.parse_args()
     data = json.loads(args.results.read_text())
     split = data["settings"].get("split", "the previous test split")
     calib = ", ".join(data["settings"]["calib_domains"])
     print(f"Split: {split}; calibration domains: {calib}; perplexity ratio to the unpruned model.\n")
-    print(markdown_table(*option_rows(data, args.keep, args.methods)))
+    print(markdown_table(*option_rows(data, args.keep, args.methods, args.variants, args.total_sparsity)))
 
 
 if __name__ == "__main__":
