@@ -25,11 +25,12 @@ DEFAULTS = {
     "msmoe": {"seed": 0, **MERGE},
     "hcsmoe": {"seed": 0, **MERGE, "align": "none", "max_cluster_size": None},
     "uncurl": {"seed": 0, **MERGE},
-    "stun": {
+    "stun": {  # reconstruct: true since the validation study (docs/defaults.md)
         "seed": 0,
         "align": "weight",
         "router": "anchor",
-        "reconstruct": False,
+        "reconstruct": True,
+        "ridge": 0.01,
         "mode": "average",
         "coactivation": -1.0,
     },
@@ -66,14 +67,25 @@ def test_defaults_recorded_as_before(name):
                 "coactivation": -1.0,
             },
         ),
-        (
+        (  # representative keeps its weights unless reconstruct is asked for
             "stun",
-            {"mode": "average", "coactivation": 0, "reconstruct": True},
+            {"mode": "representative", "reconstruct": True},
             {
-                "align": "weight",
+                "align": "none",
                 "router": "anchor",
                 "reconstruct": True,
                 "ridge": 0.01,
+                "mode": "representative",
+                "coactivation": -1.0,
+            },
+        ),
+        (
+            "stun",
+            {"mode": "average", "coactivation": 0, "reconstruct": False},
+            {
+                "align": "weight",
+                "router": "anchor",
+                "reconstruct": False,
                 "mode": "average",
                 "coactivation": 0.0,
             },

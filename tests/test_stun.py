@@ -19,6 +19,7 @@ from moeshrink.methods.naee import NAEEPruning
 from moeshrink.methods.stun import complete_linkage, cut_after, expert_distances
 from moeshrink.sparsity import linear_view
 from moeshrink.sparsity.layer import expert_weight_names, scoped_linears
+from moeshrink.sparsity.masks import OWL_LAMBDA
 from moeshrink.surgery.simulate import restricted_routing
 
 KW = dict(samples=8, seq_len=32, progress=False)
@@ -192,7 +193,8 @@ def test_total_sparsity_is_reached_exactly_and_accounted(sparsity_method, checkp
     per_layer = [lp.sparsity["sparsity"] for lp in result.plan.layers]
     if sparsity_method == "owl":
         assert len(set(per_layer)) > 1 and sum(per_layer) / len(per_layer) == pytest.approx(0.4)
-        assert all(0.4 - 0.08 - 1e-9 <= s <= 0.4 + 0.08 + 1e-9 for s in per_layer)
+        assert all(0.4 - OWL_LAMBDA - 1e-9 <= s <= 0.4 + OWL_LAMBDA + 1e-9 for s in per_layer)
+        assert spec["owl_lambda"] == OWL_LAMBDA == 0.02  # the default chosen on validation
     else:
         assert per_layer == [pytest.approx(0.4)] * len(per_layer)
     for layer, s in zip(layers, per_layer, strict=True):  # each row loses exactly round(s * columns)

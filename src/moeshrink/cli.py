@@ -85,7 +85,7 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--owl-lambda",
         type=float,
-        help="with --sparsity-method owl: how far a layer's sparsity may move from the mean (default 0.08)",
+        help="with --sparsity-method owl: how far a layer's sparsity may move from the mean (default 0.02)",
     )
     p.add_argument(
         "--sparsity-scope",

@@ -105,7 +105,7 @@ class SparsifySpec(BaseModel):
     method: str = "wanda"
     nm: str | None = None
     scope: str | list[str] | None = None
-    # OWL only: how far a layer's sparsity may move from the mean (None: OWL's 0.08)
+    # OWL only: how far a layer's sparsity may move from the mean (None: the default, 0.02)
     owl_lambda: float | None = Field(None, ge=0)
 
 

@@ -21,6 +21,7 @@ from moeshrink.arch import FamilyAdapter, MoELayer
 from moeshrink.engine.observers import INPUT_NORMS, LayerStats
 from moeshrink.errors import MoeShrinkError
 from moeshrink.sparsity.masks import (
+    OWL_LAMBDA,
     linear_view,
     magnitude_scores,
     nm_mask,
@@ -68,7 +69,7 @@ class SparsitySpec:
     nm: tuple[int, int] | None = None
     scope: tuple[str, ...] = ("experts",)
     owl_m: float = 5.0
-    owl_lambda: float = 0.08
+    owl_lambda: float = OWL_LAMBDA
 
     def __post_init__(self) -> None:
         if self.method not in SPARSITY_METHODS:
