@@ -281,6 +281,21 @@ def _log_ratios(
     return own, other
 
 
+def _sparse_label(variant: str, sparsity: dict) -> str:
+    """``owl alone (owl_lambda=0.02)``, ``stun (mode=average,reconstruct=true) + wanda``: the method and
+    the options the variant names, other than the budget and the sparsity method (in the columns)."""
+    name, _, rest = variant.partition(":")
+    shown = [
+        o
+        for o in filter(None, rest.split(","))
+        if o.split("=")[0] not in ("total_sparsity", "sparsity_method")
+    ]
+    options = f" ({','.join(shown)})" if shown else ""
+    if name == "none":
+        return f"{sparsity['method']} alone{options}"
+    return f"{name}{options} + {sparsity['method']}"
+
+
 def _render_total_sparsity(rows: dict, base: dict, domains: list[str]) -> list[str]:
     """Rows pruned to a total sparsity (STUN vs Wanda vs OWL alone): one line per (total, method, keep)."""
     groups: dict[tuple, list[tuple[str, dict]]] = {}
@@ -300,9 +315,7 @@ def _render_total_sparsity(rows: dict, base: dict, domains: list[str]) -> list[s
         table.append(
             [
                 f"{total:.0%}",
-                f"{first['method']} alone"
-                if method.startswith("none")
-                else f"{method.split(':')[0]} + {first['method']}",
+                _sparse_label(method, first),
                 str(keep),
                 f"{first['removed_by_experts']:.0%}",
                 f"{first['inside_sparsity']:.1%}",
