@@ -196,7 +196,9 @@ def measure(job: dict, timeout: float, source: Path | None = None, script: str =
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
-    return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("For further information")]  # pydantic's link
+    return {"error": (lines or ["no output"])[-1][:300]}
 
 
 # ---------------------------------------------------------------- bookkeeping (pure, tested)
@@ -404,6 +406,13 @@ def _table_row(r: dict, width: int) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _results_name(command: str) -> str:
+    """The JSON file a run's command wrote (``--out docs/cost_stun`` -> ``cost_stun.json``)."""
+    words = command.split()
+    out = words[words.index("--out") + 1] if "--out" in words[:-1] else "docs/cost"
+    return Path(out).with_suffix(".json").name
+
+
 def render(data: dict) -> str:
     """OUT.md from OUT.json: one table per group, the floor first."""
     meta, samples = data["meta"], data["samples"]
@@ -430,7 +439,8 @@ def render(data: dict) -> str:
         "A method also writes its output (the floor writes nothing). Outputs are not verified (as with",
         "`MOESHRINK_VERIFY=0`) except in the rows marked *output verified*: verification, on by default, loads",
         "the output in a fresh process and compares it with the model in memory, a cost that does not depend",
-        "on the method. Produced by `benchmarks/cost.py`; every single measurement is in `cost.json`.",
+        "on the method. Produced by `benchmarks/cost.py`; every single measurement is in "
+        f"`{_results_name(meta.get('command', ''))}`.",
         "",
         f"Run `{meta['run_id']}`, {meta['started']} to {meta.get('finished', '(unfinished)')}:",
         "",

@@ -124,3 +124,8 @@ def test_render_names_the_run_and_the_load():
         "| 4 | ean | 1 | 3.00 | 1.00 | **3.00** | 0.75 | 0.25 | **3.00** | 3.00 | 1.00 | 3.00 | 3.00 |"
         in text
     )
+
+
+def test_report_names_the_results_file_of_its_run():
+    assert cost._results_name("python benchmarks/cost.py --out docs/cost_stun --keep 8") == "cost_stun.json"
+    assert cost._results_name("python benchmarks/cost.py --keep 8") == "cost.json"
