@@ -258,6 +258,42 @@ def test_refit_solves_the_weighted_least_squares_problem():
     assert weighted(after) < 0.9 * weighted(before)
 
 
+def test_refit_ignores_tokens_whose_cluster_gate_underflowed_to_zero():
+    """Router logits far apart (as in random synthetic checkpoints) make a second-slot gate exactly 0:
+    those tokens carry no weight and must not turn the target (y / G = 0 / 0) and the refit into NaN."""
+    from transformers import AutoModelForCausalLM
+
+    from moeshrink.arch import ADAPTERS
+    from moeshrink.plan import LayerPlan, NewExpert
+    from moeshrink.surgery import apply_layer_plan
+    from moeshrink.surgery.reconstruct import cluster_targets, refit_down_projection
+    from moeshrink.testbed.tiny import randomize_routers, tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("mixtral")).eval()
+    randomize_routers(model, "mixtral")
+    layer = ADAPTERS["mixtral"].moe_layers(model)[0]
+    x = torch.randn(300, layer.hidden_size)
+    with torch.no_grad():
+        logits = split_router_output(layer.router(x))[0] * 1e4  # gaps of hundreds: exp underflows
+        weights, index = layer.route(logits)
+    token = int((weights[:, 1] == 0).nonzero()[0])  # its second expert's gate is exactly 0
+    first, second = int(index[token, 0]), int(index[token, 1])
+    cluster = sorted([second, next(j for j in range(8) if j not in (first, second))])
+    experts = [NewExpert(sources=cluster, weights=[0.5, 0.5], router_weights=[1.0, 0.0])]
+    experts += [NewExpert.keep(j) for j in range(8) if j not in cluster]
+    plan = LayerPlan(layer=layer.index, num_experts_before=8, experts=experts)
+    target = cluster_targets(layer, plan, x, logits)[0]
+    assert torch.isfinite(target.target).all() and (target.weight > 0).all()
+    members = torch.isin(index, torch.tensor(cluster))
+    gated = (members & (weights > 0)).any(dim=1)  # routed to a member with a gate above 0
+    assert sorted(target.tokens.tolist()) == gated.nonzero().squeeze(1).tolist()
+    assert (members.any(dim=1) & ~gated).any()  # and some tokens were left out for a zero gate
+    apply_layer_plan(layer, plan)
+    refit = refit_down_projection(layer, 0, x, target)
+    assert torch.isfinite(refit["down_proj"]).all()
+
+
 def test_capped_average_linkage_matches_scipy_without_a_binding_cap_and_respects_the_cap():
     from scipy.cluster.hierarchy import cut_tree, linkage
 

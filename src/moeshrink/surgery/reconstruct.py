@@ -61,7 +61,14 @@ def cluster_targets(
             y = layer.expert_outputs(inputs[rows].to(layer.router.weight.dtype), index[rows, slot]).double()
             total[chosen] += g[:, None] * y
             gate[chosen] += g
-        out[i] = ClusterTarget(tokens=tokens, target=total / gate[:, None], weight=gate**2)
+        # A gate can be exactly 0 (a member in the second slot, its logit ~100 below the first: the
+        # softmax underflows); such a token carries no weight and its target would be 0 / 0.
+        kept = gate > 0
+        if not kept.any():
+            continue
+        out[i] = ClusterTarget(
+            tokens=tokens[kept], target=total[kept] / gate[kept, None], weight=gate[kept] ** 2
+        )
     return out
 
 
