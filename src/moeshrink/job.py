@@ -72,8 +72,7 @@ from moeshrink.io.streaming import (
 from moeshrink.methods import ExpertMethod, get_method
 from moeshrink.plan import LayerPlan, ModelPlan
 from moeshrink.quant import read_quantization
-from moeshrink.quant.fp8 import BlockFP8Checkpoint
-from moeshrink.quant.source import BlockFP8Layers, check_block_fp8_job
+from moeshrink.quant.source import QuantizedCheckpoint, QuantizedLayers, check_quantized_job
 from moeshrink.report.model_card import model_card
 from moeshrink.runtime import compute_dtype
 from moeshrink.sparsity.accounting import SparsityReport, count_sparsity
@@ -422,7 +421,7 @@ class CheckedJob:
     calib_paths: list[str | Path] | None
     calib_dataset: DatasetName | None = None
     calib_field: str = "text"
-    quantized: BlockFP8Checkpoint | None = None  # a block-FP8 input (moeshrink.quant)
+    quantized: QuantizedCheckpoint | None = None  # a block-FP8 or compressed-tensors input (moeshrink.quant)
 
     def run(self) -> PruneResult:
         """Load -> calibrate -> run the steps -> update the config -> export."""
@@ -446,8 +445,8 @@ class CheckedJob:
         timings["prepare"] = time.perf_counter() - start
         t = time.perf_counter()
         sparsifies = any(isinstance(s, SparsifyStep) for s in self.steps)
-        if self.quantized is not None:  # block-FP8: read and dequantized one layer at a time
-            source = BlockFP8Layers(
+        if self.quantized is not None:  # read and dequantized one layer at a time
+            source = QuantizedLayers(
                 self.path,
                 self.config,
                 adapter,
@@ -661,7 +660,7 @@ def check_job(job: Job) -> CheckedJob:
     )
     quantized = None
     if scheme is not None:
-        quantized, stream = check_block_fp8_job(
+        quantized, stream = check_quantized_job(
             path,
             scheme,
             reader,
