@@ -44,11 +44,11 @@ from moeshrink.plan import LayerPlan, ModelPlan, NewExpert
 from moeshrink.quant import IGNORE_KEYS, CompressedTensorsScheme, QuantScheme, read_quantization
 from moeshrink.quant.ctensors import CompressedTensorsCheckpoint
 from moeshrink.quant.fp8 import BlockFP8Checkpoint
-
-QuantizedCheckpoint = BlockFP8Checkpoint | CompressedTensorsCheckpoint
 from moeshrink.serving import serving_architectures
 from moeshrink.surgery import set_top_k
 from moeshrink.surgery.apply import TOP_K_PER_LAYER_KEY
+
+QuantizedCheckpoint = BlockFP8Checkpoint | CompressedTensorsCheckpoint
 
 # A routed expert's on-disk tensor: "<block>.experts.<index>.<rest>" (shared experts do not match:
 # "shared_experts." has no dot before "experts").

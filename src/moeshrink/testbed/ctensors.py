@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from moeshrink.quant import WeightGroup
 from moeshrink.quant.ctensors import pack_int32, scale_shape
 from moeshrink.quant.fp8 import FP8_MAX, expand_blocks
-from moeshrink.quant import WeightGroup
 
 _FLOAT8 = {"num_bits": 8, "type": "float", "symmetric": True}
 _TOKEN = {"strategy": "token", "dynamic": True, "group_size": None, "block_structure": None}
