@@ -164,20 +164,20 @@ def compress_weight(weight: torch.Tensor, group: WeightGroup) -> dict[str, torch
                 return t
             return t.repeat_interleave(group.group_size, dim=1)[:, :cols]
 
-    dtype = weight.dtype
+    dtype = weight.dtype  # the package quantizes in the weight's dtype: so does this, to the same bits
     if group.type == "float":
         scale = (torch.maximum(hi, -lo) / FP8_MAX).clamp(min=1e-12).to(dtype)
-        q = (w / expand(scale.float())).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        q = (weight / expand(scale)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         return {"weight": q, "weight_scale": scale}
     qmin, qmax = -(1 << (group.num_bits - 1)), (1 << (group.num_bits - 1)) - 1
     out: dict[str, torch.Tensor] = {}
     if group.symmetric:
         scale = (torch.maximum(hi, -lo) * 2 / (qmax - qmin)).clamp(min=1e-12).to(dtype)
-        q = torch.round(w / expand(scale.float())).clamp(qmin, qmax).to(torch.int8)
+        q = torch.round((weight / expand(scale)).clamp(qmin, qmax)).to(torch.int8)
     else:
         scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-12).to(dtype)
         zero = torch.round(qmin - lo / scale.float()).clamp(qmin, qmax).to(torch.int8)
-        q = torch.round(w / expand(scale.float()) + expand(zero.float())).clamp(qmin, qmax).to(torch.int8)
+        q = torch.round((weight / expand(scale) + expand(zero).to(dtype)).clamp(qmin, qmax)).to(torch.int8)
     out["weight_scale"] = scale
     if group.format == "pack-quantized":
         out["weight_packed"] = pack_int32(q, group.num_bits)
