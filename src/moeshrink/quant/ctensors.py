@@ -316,12 +316,17 @@ class CompressedTensorsCheckpoint:
             )
         return QuantizedModule(name=module, group=group, rows=rows, cols=cols)
 
-    def parameter_count(self, name: str, tensor: torch.Tensor) -> int:
-        """How many weights of the dense model ``tensor`` stores (0 for scales and the like)."""
-        module, _, suffix = name.rpartition(".")
-        if suffix == "weight_packed" and module in self.modules:
-            return self.modules[module].rows * self.modules[module].cols
-        return 0 if suffix in AUXILIARY else tensor.numel()
+    def parameter_count(self, state: dict[str, torch.Tensor]) -> int:
+        """How many weights of the dense model ``state`` stores (a packed weight counts as its
+        ``weight_shape``; scales and the like count 0), whatever its tensors are named."""
+        total = 0
+        for name, tensor in state.items():
+            module, _, suffix = name.rpartition(".")
+            if suffix == "weight_packed":
+                total += math.prod(int(v) for v in state[f"{module}.weight_shape"].tolist())
+            elif suffix not in AUXILIARY:
+                total += tensor.numel()
+        return total
 
     def dequantize_state(
         self, state: dict[str, torch.Tensor], storage: torch.dtype, dtype: torch.dtype

@@ -148,9 +148,9 @@ class BlockFP8Checkpoint:
         """Names of the modules stored quantized."""
         return {name.removesuffix(".weight") for name in self.scales}
 
-    def parameter_count(self, name: str, tensor: torch.Tensor) -> int:
-        """How many weights of the dense model ``tensor`` stores (0 for a scale)."""
-        return 0 if name.endswith(SCALE_SUFFIX) else tensor.numel()
+    def parameter_count(self, state: dict[str, torch.Tensor]) -> int:
+        """How many weights of the dense model ``state`` stores (scales count 0)."""
+        return sum(t.numel() for name, t in state.items() if not name.endswith(SCALE_SUFFIX))
 
     def dequantize_state(
         self, state: dict[str, torch.Tensor], storage: torch.dtype, dtype: torch.dtype

@@ -167,7 +167,7 @@ class QuantizedLayers(StreamedLayers):
             state = self.reader.read(self.reader.by_layer.get(index, []))
             if index in plans:
                 state = self._prune_layer(index, plans[index], state)
-            parameters += sum(self.fp8.parameter_count(k, t) for k, t in state.items())
+            parameters += self.fp8.parameter_count(state)
             writer.write(state)
         writer.finish(parameters)
 
@@ -193,12 +193,6 @@ class QuantizedLayers(StreamedLayers):
             and len(shape) >= 1
             and shape[0] == num_experts
         ]
-        moe = self.adapter.moe_layer(self.layers[index], index)
-        if moe is None or len(routers) != len(moe.router_tensors()):
-            raise MoeShrinkError(
-                f"{self.path}: could not find layer {index}'s router on disk (found {routers}): this checkpoint's "
-                f"layout is not one moeshrink can prune in {self.fp8.scheme.name}"
-            )
         quantized = self.fp8.quantized_modules
         for name in routers:
             if name.rpartition(".")[0] in quantized:
@@ -207,6 +201,12 @@ class QuantizedLayers(StreamedLayers):
                     "slices router rows in the unquantized router only (llm-compressor's MoE recipes leave it out: "
                     "add it to the ignore list when quantizing), or dequantize the checkpoint first"
                 )
+        moe = self.adapter.moe_layer(self.layers[index], index)
+        if moe is None or len(routers) != len(moe.router_tensors()):
+            raise MoeShrinkError(
+                f"{self.path}: could not find layer {index}'s router on disk (found {routers}): this checkpoint's "
+                f"layout is not one moeshrink can prune in {self.fp8.scheme.name}"
+            )
         return experts, routers
 
     def _check_layout(self) -> None:
