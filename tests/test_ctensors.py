@@ -248,6 +248,7 @@ def _config(**changes) -> dict:
         (_config(transform_config={"config_groups": {"u": {}}}), "transform_config"),
         (_config(weights={"type": "float", "num_bits": 4}), "float4 weights"),
         (_config(weights={"strategy": "tensor_group"}), "strategy 'tensor_group'"),
+        (_config(weights={"num_bits": 3}), "3-bit packed weights"),
         (_config(input_activations={"num_bits": 4, "type": "int"}), "4-bit activations"),
         (_config(config_groups={}), "no config_groups"),
     ],

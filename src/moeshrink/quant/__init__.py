@@ -182,6 +182,10 @@ def weight_group(path: Path, where: str, name: str, group: Any, default_format: 
         or (kind == "int" and isinstance(bits, int) and 1 <= bits <= 8 and packed)
     ):
         raise _ct_refuse(path, where, f"{kind}{bits} weights in format {fmt!r} (config group {name!r})")
+    if packed and 32 % bits:  # compressed-tensors 0.19 packs these densely across int32s, 0.17 did not
+        raise _ct_refuse(
+            path, where, f"{bits}-bit packed weights (their int32 packing changed in compressed-tensors 0.19)"
+        )
     if (
         strategy not in CT_STRATEGIES
         or weights.get("dynamic")
