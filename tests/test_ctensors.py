@@ -20,10 +20,12 @@ import moeshrink
 from moeshrink.arch import ADAPTERS
 from moeshrink.cli import main
 from moeshrink.errors import MoeShrinkError
-from moeshrink.io.checkpoint import load_model
+from moeshrink.io.checkpoint import load_config, load_model
+from moeshrink.io.streaming import ShardReader
 from moeshrink.plan import PLAN_FILENAME, ModelPlan
 from moeshrink.quant import WeightGroup, read_quantization
 from moeshrink.quant.ctensors import dequantize, pack_int32, unpack_int32
+from moeshrink.quant.source import QuantizedLayers, open_quantized
 from moeshrink.surgery import apply_model_plan
 from moeshrink.testbed.ctensors import PRESETS, compress_weight, quantization_config, write_compressed_tensors
 from moeshrink.testbed.tiny import build_tiny_model
@@ -143,6 +145,20 @@ def test_ignore_list_and_group_targets_are_renumbered(ct, calib_file, tmp_path):
 
 
 def test_streamed_and_resident_write_the_same(ct, calib_file, tmp_path):
+    """Streaming (the default with an output) and --no-stream give the same files; streamed, one decoder
+    layer is held (dequantized) at a time."""
+    path = ct["qwen3_moe-w4a16_asym"]
+    config, adapter = load_config(path)
+    reader = ShardReader(path)
+    source = QuantizedLayers(
+        path, config, adapter, reader, open_quantized(path, read_quantization(path), reader)
+    )
+    for index in range(len(source.layers)):
+        source.load(index)
+        assert source.layers[index].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+        source.release(index, write=True)
+        assert all(p.is_meta for p in source.layers[index].parameters())
+    assert source.max_loaded == 1
     _prune(ct["qwen3_moe-w4a16_asym"], calib_file, tmp_path / "streamed")
     _prune(ct["qwen3_moe-w4a16_asym"], calib_file, tmp_path / "resident", stream=False)
     streamed, resident = tree_digest(tmp_path / "streamed"), tree_digest(tmp_path / "resident")
