@@ -188,3 +188,32 @@ def test_vllm_cpu_has_no_kernel_for_these_moe_checkpoints(checkpoints, calib_fil
         checks["vllm"]
     )
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_vllm_check_of_a_block_fp8_output_says_why_it_cannot_compare(calib_file, tmp_path):
+    """vLLM refuses float32 compute for block-FP8 ("torch.float32 is not supported for quantization
+    method fp8") and the check compares float32 log-probabilities: skipped with that reason, the output
+    written (it used to fail the job and write nothing wherever vLLM was installed)."""
+    pytest.importorskip("vllm")
+    import moeshrink
+    from moeshrink.testbed.fp8 import write_block_fp8
+    from moeshrink.testbed.tiny import build_tiny_model
+
+    dense = build_tiny_model("qwen3_moe", tmp_path / "dense", seed=1, dtype=torch.bfloat16, head_dim=32)
+    model = write_block_fp8(dense, tmp_path / "fp8", (16, 16), style="qwen3")
+    result = moeshrink.prune(
+        str(model),
+        method="frequency",
+        keep=4,
+        calib=calib_file,
+        output=tmp_path / "out",
+        samples=4,
+        seq_len=32,
+        progress=False,
+        verify=True,
+    )
+    checks = result.plan.verification
+    assert checks["transformers"]["status"] == "pass"
+    assert checks["vllm"]["status"] == "skipped", checks["vllm"]
+    assert "is not supported for quantization method fp8" in checks["vllm"]["detail"], checks["vllm"]
+    assert (tmp_path / "out" / "config.json").is_file()
