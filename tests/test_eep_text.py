@@ -91,21 +91,23 @@ def test_time_budget_stops_mid_search_and_exports_the_best(tiny, calib_file, tmp
     """The budget ends the search long before its generations are spent (a million merge generations);
     the best candidate so far is exported and the plan records that the time budget stopped it."""
     generations = 2 + 1_000_000
+    text = tmp_path / "text.txt"  # a few thousand tokens: loading and seeding stay a small part of the budget
+    text.write_text(calib_file.read_text()[:12000])
     result = search(
         tiny["mixtral"],
-        calib=[calib_file],
+        calib=[text],
         keep=4,
         population=3,
         prune_iterations=2,
         merge_iterations=1_000_000,
         patience=None,
-        time_budget=6.0,
+        time_budget=15.0,
         output=tmp_path / "o",
         **TEXT,
     )
     plan = json.loads((tmp_path / "o" / PLAN_FILENAME).read_text())
     run = plan["method_options"]["run"]
-    assert run["stopped"] == "time budget" and run["time_budget"] == 6.0
+    assert run["stopped"] == "time budget" and run["time_budget"] == 15.0
     assert 0 < run["generations"] < generations
     assert result.seconds["total"] > 0
     AutoModelForCausalLM.from_pretrained(tmp_path / "o")  # a complete, loadable checkpoint

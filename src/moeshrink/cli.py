@@ -518,7 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="accuracy (ties: gold loss), loss of the gold continuations, or loss over the items' whole text",
     )
     p.add_argument(
-        "--init", nargs="+", default=["frequency"], help="scoring methods whose choice seeds the search"
+        "--init",
+        nargs="+",
+        default=["frequency", "reap"],
+        help="scoring methods whose choice seeds the search (default frequency reap)",
     )
     p.add_argument(
         "--merge-scope",

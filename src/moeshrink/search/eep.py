@@ -1,14 +1,21 @@
 """EEP: gradient-free evolutionary search of which experts to keep and how to merge the rest.
 
 A candidate gives each MoE layer a merge matrix ``M [K, E]`` and a router transfer ``T [K, E]``
-(:mod:`moeshrink.search.fitness`). Two stages, each a population with elitism scored on a task by
-inference only:
+(:mod:`moeshrink.search.fitness`). Two stages, each a population with elitism scored by inference
+only, on plain text (next-token loss; each generation's leader also scored on held-out windows of the
+same text, which pick the best candidate and end a stage that stops improving) or on a task:
 
 1. **prune**: one-hot rows (``T = M``): which K experts each layer keeps. Starts from the most used
    experts plus random subsets; children take each layer's subset from one of two tournament-chosen
    parents, and a mutation swaps a kept expert for a dropped one.
 2. **merge**: continuous rows, starting from the best pruning: Gaussian mutation of a fraction of the
    entries of ``M`` (rows renormalised to sum to 1) and ``T`` (kept non-negative), row-wise crossover.
+
+With routing groups (DeepSeek) every operator stays within a group: each keeps ``keep / n_group``
+experts, swaps within the group, and merges only its own experts.
+
+A time budget covers the whole call: the clock is checked before every evaluation against a deadline
+that leaves the export its reserve, and the best candidate so far is exported when it comes.
 
 The search is seeded (every generation draws from its own generator, so a resumed search continues
 exactly) and writes its state after every generation to ``state_dir``. With torch.distributed
@@ -88,7 +95,7 @@ class EEPSettings:
     merge_scope: str = "all"  # merge stage: "all" entries move, or only "dropped" experts' columns
     seed: int = 0
     objective: str = "accuracy"
-    init: tuple[str, ...] = ("frequency",)  # scoring methods whose choice on the task text seeds the search
+    init: tuple[str, ...] = ("frequency", "reap")  # scoring methods whose choice on the data seeds the search
     time_budget: float | None = None  # seconds for the whole call: seeding, search and export
     # generations a stage goes on without a better held-out (selection) loss before it ends (plain text)
     patience: int | None = None
@@ -730,7 +737,7 @@ def search(
     merge_scope: str = "all",
     seed: int = 0,
     objective: str = "accuracy",
-    init: Sequence[str] = ("frequency",),
+    init: Sequence[str] = ("frequency", "reap"),
     time_budget: float | None = None,
     state_dir: str | Path | None = None,
     output: str | Path | None = None,
