@@ -45,7 +45,7 @@ SETTINGS: dict[str, dict] = {
     "prune-only": {"merge_iterations": 0},
     "merge dropped columns only, sigma 0.05": {"merge_scope": "dropped", "sigma": 0.05},
     "patience 6": {"patience": 6},
-    "fitness 8 windows": {"samples": 8},
+    "fitness 16 windows": {"samples": 16},
     "fitness 32 windows": {"samples": 32},
 }
 

@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--task", help="instead of --calib: multiple-choice JSONL file or local task (moeshrink_<domain>)"
     )
-    p.add_argument("--samples", type=int, default=16, help="--calib: fitness windows (default 16)")
+    p.add_argument("--samples", type=int, default=8, help="--calib: fitness windows (default 8)")
     p.add_argument(
         "--select-samples", type=int, default=16, help="--calib: held-out selection windows (default 16)"
     )

@@ -721,7 +721,7 @@ def search(
     *,
     keep: int,
     calib: Sequence[str | Path] | None = None,
-    samples: int = 16,
+    samples: int = 8,
     select_samples: int = 16,
     seq_len: int = 256,
     patience: int | None = 3,
