@@ -95,6 +95,18 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
         help="share the experts kept (--keep per layer on average, or --ratio) over the layers by usage; "
         "the output then has per-layer expert counts",
     )
+    p.add_argument(
+        "--recover",
+        action="store_const",
+        const=True,
+        help="after the expert-level method, re-fit the kept experts' router rows and down projections so each "
+        "layer's output matches the original's on the calibration tokens (docs/recovery.md)",
+    )
+    p.add_argument(
+        "--recover-ridge",
+        type=float,
+        help="recovery's ridge, relative to each fit's Gram diagonal, in (0, 100] (default 0.01)",
+    )
     stream = p.add_mutually_exclusive_group()
     stream.add_argument(
         "--stream",
