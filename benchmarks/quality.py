@@ -37,13 +37,22 @@ TIME_NOTE = (
 )
 
 # Variant keys that are arguments of prune() (sparsity, budgets), not options of the method.
-PRUNE_KEYS = ("total_sparsity", "sparsity", "sparsity_method", "sparsity_scope", "nm", "global_budget")
+PRUNE_KEYS = (
+    "total_sparsity",
+    "sparsity",
+    "sparsity_method",
+    "sparsity_scope",
+    "nm",
+    "global_budget",
+    "recover",
+    "recover_ridge",
+)
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
     """``uncurl:align=none,reconstruct=true`` -> ("uncurl", {"align": "none", "reconstruct": True});
-    keys in PRUNE_KEYS (e.g. ``stun:total_sparsity=0.55``, ``none:sparsity_method=owl,total_sparsity=0.4``)
-    are passed to prune() itself."""
+    keys in PRUNE_KEYS (e.g. ``stun:total_sparsity=0.55``, ``none:sparsity_method=owl,total_sparsity=0.4``,
+    ``reap:recover=true,recover_ridge=0.1``) are passed to prune() itself."""
     name, _, rest = spec.partition(":")
     options = {}
     for item in filter(None, rest.split(",")):
@@ -137,6 +146,8 @@ def main() -> None:
                 row["compress_seconds"] = result.seconds["compress"]
                 row["experts_per_layer_after"] = result.after.experts_per_layer
                 row["method_details"] = [lp.details for lp in result.plan.layers if lp.details]
+                if result.plan.recovery:
+                    row["recovery"] = result.plan.recovery
                 if result.plan.sparsity:
                     row["sparsity"] = {
                         k: v for k, v in result.plan.sparsity.items() if k != "dense_layers"

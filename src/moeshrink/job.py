@@ -610,6 +610,7 @@ class CheckedJob:
             recovery = {"ridge": recover.ridge, "router": recover.router, "down": recover.down} | {
                 f"mean_{k}": sum(e[k] for e in errors) / len(errors) for k in ("before", "after") if errors
             }
+            recovery["router_fitted_layers"] = sum(e.get("router") == "fitted" for e in errors)
         sparsify, sparsified = by_kind.get("sparsify", (None, {}))
         summary = None
         if sparsify is not None:
