@@ -241,7 +241,7 @@ def _fold_recover(steps: list[dict[str, Any]], existing: dict | None, fields: di
         return
     if existing is None:
         if fields.get(None) is not True:
-            raise ValueError("--recover-ridge sets the recover step's ridge: add --recover")
+            raise MoeShrinkError("--recover-ridge sets the recover step's ridge: add --recover")
         existing = {"recover": {}}
         after = [i for i, s in enumerate(steps) if "experts" in s or "top_k" in s]
         steps.insert(after[-1] + 1 if after else 0, existing)

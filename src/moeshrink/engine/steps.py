@@ -178,7 +178,13 @@ class RecoverStep(LayerStep):
         if plan is None or view.original is None:
             raise AssertionError("a recover step runs in the same pass as an experts step, after it")
         return recover_layer(
-            view.original, view.moe, plan, view.stats.inputs, ridge=self.ridge, router=self.router, down=self.down
+            view.original,
+            view.moe,
+            plan,
+            view.stats.inputs,
+            ridge=self.ridge,
+            router=self.router,
+            down=self.down,
         )
 
 
