@@ -121,6 +121,10 @@ def _prune(job: dict) -> Callable[[], dict]:
 
     moeshrink.job.run_steps = timed_run_steps
 
+    options = dict(job.get("options") or {})
+    # recovery is a step of its own, not a method option: method:recover=true[,recover_ridge=R]
+    step_fields = {k: json.loads(options.pop(k)) for k in ("recover", "recover_ridge") if k in options}
+
     def run() -> dict:
         out = Path(job["scratch"]) / f"out-{os.getpid()}"
         try:
@@ -136,8 +140,9 @@ def _prune(job: dict) -> Callable[[], dict]:
                 stream=job["stream"],
                 overwrite=True,
                 progress=False,
-                method_options=job.get("options") or None,
+                method_options=options or None,
                 verify=job.get("verify", False),
+                **step_fields,
             )
             written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
             steps = {k: v for k, v in result.seconds.items() if k != "total"}
