@@ -44,9 +44,10 @@ PRUNE_KEYS = (
     "sparsity_scope",
     "nm",
     "global_budget",
-    "recover",
-    "recover_ridge",
 )
+# Variant keys of the recover step: recover=true, then recover_ridge / recover_router / recover_down
+# (its fields ridge, router, down), e.g. ``reap:recover=true,recover_router=false``.
+RECOVER_KEYS = ("recover", "recover_ridge", "recover_router", "recover_down")
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -131,6 +132,10 @@ def main() -> None:
                 print(f"[quality] {key}", flush=True)
                 name, options = parse_variant(method)
                 prune_kwargs = {k: options.pop(k) for k in PRUNE_KEYS if k in options}
+                recover = {k: options.pop(k) for k in RECOVER_KEYS if k in options}
+                if recover.pop("recover", False):
+                    spec = {k.removeprefix("recover_"): v for k, v in recover.items()}
+                    prune_kwargs["steps"] = [{"recover": spec}]
                 result = prune(
                     model_dir,
                     name,
