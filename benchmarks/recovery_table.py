@@ -93,13 +93,43 @@ def by_ridge(data: dict) -> str:
             found = ratios(data, name, keep)
             if found is None:
                 continue
+            method, _, variant = name.partition(":")
+            variant = ",".join(o for o in variant.split(",") if o and not o.startswith("recover_ridge="))
             ridge = found[3][0]["ridge"] if found[3] else "-"
-            cells = [f"16 -> {keep}", name.split(":")[0], str(ridge)]
+            cells = [f"16 -> {keep}", method, variant.replace("recover=true", "recover") or "-", str(ridge)]
             table.append(
                 cells + [f"{found[0]:.3f}", f"{found[1]:.3f}", f"{found[2]:.3f}", error_text(found[3])]
             )
-    header = ["budget", "method", "ridge", "calibrated domain", "other domains", "all domains", "layer error"]
+    header = [
+        "budget",
+        "method",
+        "variant",
+        "ridge",
+        "calibrated domain",
+        "other domains",
+        "all domains",
+        "layer error",
+    ]
     return markdown_table(header, table)
+
+
+def by_variant(data: dict) -> str:
+    """Each variant (the options after the method) over every method and budget it has rows for: the
+    geometric mean of the all-domain and calibrated-domain ratios (the criterion for the default)."""
+    keeps = {int(k.split("|")[1]) for k in data["rows"]}
+    names = list(dict.fromkeys(k.split("|")[0] for k in data["rows"]))
+    variants: dict[str, list[tuple[float, float]]] = {}
+    for name in names:
+        for keep in keeps:
+            found = ratios(data, name, keep)
+            if found is not None:
+                variants.setdefault(name.partition(":")[2] or "-", []).append((found[2], found[0]))
+    mean = lambda xs: math.exp(sum(math.log(x) for x in xs) / len(xs))  # noqa: E731
+    table = [
+        [variant, str(len(cells)), f"{mean([c[0] for c in cells]):.4f}", f"{mean([c[1] for c in cells]):.4f}"]
+        for variant, cells in variants.items()
+    ]
+    return markdown_table(["variant", "cells (method x budget)", "all domains", "calibrated domain"], table)
 
 
 def main() -> None:
@@ -109,7 +139,10 @@ def main() -> None:
     parser.add_argument("--ridges", action="store_true", help="every row by ridge (validation)")
     args = parser.parse_args()
     data = json.loads(args.results.read_text())
-    print(by_ridge(data) if args.ridges else side_by_side(data, args.suffix))
+    if args.ridges:
+        print(by_ridge(data) + "\n\n" + by_variant(data))
+    else:
+        print(side_by_side(data, args.suffix))
 
 
 if __name__ == "__main__":
