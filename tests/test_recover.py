@@ -62,7 +62,7 @@ def test_recovery_lowers_the_layer_error_reloads_and_reapplies(family, checkpoin
     plain = _prune(checkpoints[family], calib_file, keep=keep)
     recovered = _prune(checkpoints[family], calib_file, keep=keep, recover=True, output=tmp_path / "out")
     plan = recovered.plan
-    assert plan.recovery["ridge"] == 0.01 and plan.recovery["mean_after"] < plan.recovery["mean_before"]
+    assert plan.recovery["ridge"] == 1.0 and plan.recovery["mean_after"] < plan.recovery["mean_before"]
     for lp in plan.layers:
         assert lp.recovery["after"] < lp.recovery["before"], (lp.layer, lp.recovery)
         assert lp.recovery["tokens"] == SAMPLES * SEQ_LEN

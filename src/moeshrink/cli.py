@@ -105,7 +105,7 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--recover-ridge",
         type=float,
-        help="recovery's ridge, relative to each fit's Gram diagonal, in (0, 100] (default 0.01)",
+        help="recovery's ridge, relative to each fit's Gram diagonal, in (0, 100] (default 1, chosen on the validation split)",
     )
     stream = p.add_mutually_exclusive_group()
     stream.add_argument(

@@ -14,7 +14,7 @@ seq_len: 512
 steps:
   - experts: {method: reap, keep: 8}
   - top_k: 1
-  - recover: {ridge: 0.01}               # re-fit router rows and down projections (--recover)
+  - recover: {ridge: 1.0}                # re-fit router rows and down projections (--recover)
   - sparsify: {sparsity: 0.5, method: wanda}
 ```
 
@@ -97,7 +97,7 @@ class ExpertsSpec(BaseModel):
 
 # The recover step's ridge, relative to the mean diagonal of each fit's Gram matrix: chosen on the
 # testbed's validation split (docs/recovery.md).
-RECOVER_RIDGE = 1e-2
+RECOVER_RIDGE = 1.0
 RECOVER_RIDGE_MAX = 100.0
 
 
