@@ -9,6 +9,7 @@ choosing the default on the validation split).
 
     python benchmarks/recovery_table.py docs/recovery_test.json
     python benchmarks/recovery_table.py docs/recovery_validation.json --ridges
+    python benchmarks/recovery_table.py docs/recovery_cost.json --cost
 """
 
 from __future__ import annotations
@@ -132,14 +133,54 @@ def by_variant(data: dict) -> str:
     return markdown_table(["variant", "cells (method x budget)", "all domains", "calibrated domain"], table)
 
 
+def cost_table(data: dict) -> str:
+    """From a ``benchmarks/cost.py`` OUT.json: each method's compression with and without recovery, in
+    CPU seconds and as a ratio to the forward pass of the floors run next to it (same run)."""
+    rows = {
+        (r["method"], r["keep"]): r for r in data["rows"] if r.get("kind") == "prune" and "error" not in r
+    }
+    table = []
+    for (method, keep), plain in rows.items():
+        recovered = rows.get((method + RECOVER, keep))
+        if ":" in method or recovered is None:
+            continue
+        added = recovered["compress_cpu_seconds"] - plain["compress_cpu_seconds"]
+        floor = recovered["floor_forward_cpu_seconds"]
+        loads = plain["load_1min"] + recovered["load_1min"]
+        table.append(
+            [
+                f"16 -> {keep}",
+                method,
+                f"{plain['compress_cpu_seconds']:.1f} ({plain['compress_cpu_over_forward_cpu']:.1f}x)",
+                f"{recovered['compress_cpu_seconds']:.1f} ({recovered['compress_cpu_over_forward_cpu']:.1f}x)",
+                f"{added:.1f} ({added / floor:.1f}x)",
+                f"{floor:.1f}",
+                f"{min(loads):.1f}-{max(loads):.1f}",
+            ]
+        )
+    header = [
+        "budget",
+        "method",
+        "compress CPU s without (x forward)",
+        "with recovery",
+        "recovery adds (x forward)",
+        "floor forward CPU s",
+        "1-min load",
+    ]
+    return markdown_table(header, table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="a quality.py OUT.json")
     parser.add_argument("--suffix", default="", help="options after recover=true in the recovery rows")
     parser.add_argument("--ridges", action="store_true", help="every row by ridge (validation)")
+    parser.add_argument("--cost", action="store_true", help="RESULTS is a cost.py OUT.json")
     args = parser.parse_args()
     data = json.loads(args.results.read_text())
-    if args.ridges:
+    if args.cost:
+        print(cost_table(data))
+    elif args.ridges:
         print(by_ridge(data) + "\n\n" + by_variant(data))
     else:
         print(side_by_side(data, args.suffix))
