@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from pydantic import Field
@@ -124,6 +124,8 @@ class SubsetErrors:
         self.energy = float(self.energy_per_token.sum())
         # Sum over tokens of the largest squared expert output norm: bounds a weight error's effect.
         self.output_scale = float(torch.diagonal(self.gram, dim1=1, dim2=2).amax(dim=1).sum())
+        # Bound on float64 rounding of any error, here or in the reference, however batched.
+        self.rounding = 1e-9 * (self.energy + self.output_scale)
         self.evaluated = 0
         rule = layer.scoring
         self.by_rank = rule in (softmax_topk, topk_softmax) and e <= 52
@@ -201,17 +203,36 @@ class SubsetErrors:
                 error += 2 * wi * weights[j] * gram.take(rows[i] + chosen[j])
         return error
 
-    def choose(self, allowed: torch.Tensor, errors: torch.Tensor) -> tuple[int, float]:
-        """The reference's choice among the candidates ``allowed [B, E]`` scored ``errors [B]``: every
-        candidate within the bound of the least is re-scored by the reference; the first least one
-        wins (as the reference's ``argmin`` over candidates in enumeration order). Returns its row and
-        reference error."""
-        best = float(errors.min())
-        tolerance = self.tolerance(best)
-        near = torch.nonzero(errors <= best + tolerance).flatten()
-        exact = self.reference(allowed[near])
-        i = int(exact.argmin())
-        return int(near[i]), float(exact[i])
+    def choose(
+        self,
+        order: list[int],
+        allowed: torch.Tensor,
+        errors: torch.Tensor,
+        batch_of: Callable[[int], tuple[int, torch.Tensor]],
+    ) -> tuple[int, float]:
+        """The reference search's choice: the first candidate, in enumeration order, with the least
+        reference error, as the reference computes it batch by batch.
+
+        ``order`` are the candidates' places in the enumeration, ``allowed [B, E]`` their masks and
+        ``errors [B]`` their errors here, every candidate within :meth:`tolerance` of the least
+        included. They are re-scored by the reference; when more than one lies within the
+        reference's own rounding of the least, the reference batches that hold them
+        (``batch_of(i)``: the first place and the masks of the i-th batch of ``reference.batch``
+        candidates) are re-scored whole, so that a tie is broken on the very numbers the reference
+        search compared. Returns the winner's place and reference error."""
+        exact = self.reference(allowed)
+        least = float(exact.min())
+        tied = torch.nonzero(exact <= least + 2 * self.rounding).flatten().tolist()
+        if len(tied) == 1:
+            return order[tied[0]], float(exact[tied[0]])
+        best, place = math.inf, -1
+        for batch in sorted({order[i] // self.reference.batch for i in tied}):
+            start, masks = batch_of(batch)
+            values = self.reference(masks)
+            i = int(values.argmin())
+            if float(values[i]) < best:
+                best, place = float(values[i]), start + i
+        return place, best
 
     def tolerance(self, best: float) -> float:
         """How far a candidate's error here may lie above the least and still be the reference's least.
@@ -221,12 +242,11 @@ class SubsetErrors:
         ``Z'_t`` by at most ``eps max_e ||y_te||`` (the weights sum to at most 1), so the error by at
         most ``2 eps sqrt(err Y) + eps^2 Y`` with ``Y`` the sum over tokens of the largest
         ``||y_te||^2``. Taken twice (for the least and for the reference's choice), doubled again."""
-        rounding = 1e-9 * (self.energy + self.output_scale)
         if not self.by_rank:
-            return 2 * rounding
+            return 2 * self.rounding
         eps, scale = WEIGHT_EPS, self.output_scale
         drift = 2 * eps * math.sqrt(max(best + eps * scale, 0.0) * scale) + eps * eps * scale
-        return 4 * drift + 2 * rounding
+        return 4 * drift + 2 * self.rounding
 
 
 def _lowest_set_bits(bits: torch.Tensor, k: int) -> list[torch.Tensor]:
@@ -312,19 +332,34 @@ def exhaustive(error: SubsetErrors, e: int, groups: int, per_group: int) -> tupl
     chunks; only those within :meth:`SubsetErrors.tolerance` of the least so far are kept for the
     final choice (the bound only grows with the least error, so none of the final near-ties is lost)."""
     subsets = exhaustive_subsets(e, groups, per_group)
+    near: list[int] = []  # places in the enumeration
     near_subsets: list[tuple[int, ...]] = []
     near_errors = torch.zeros(0, dtype=torch.float64)
-    least = math.inf
+    least, start = math.inf, 0
     while chunk := list(itertools.islice(subsets, 4 * error.batch)):
         errors = error(_masks(chunk, e))
         least = min(least, float(errors.min()))
-        keep = torch.nonzero(errors <= least + error.tolerance(least)).flatten()
-        near_subsets += [chunk[i] for i in keep.tolist()]
+        keep = torch.nonzero(errors <= least + error.tolerance(least)).flatten().tolist()
+        near += [start + i for i in keep]
+        near_subsets += [chunk[i] for i in keep]
         near_errors = torch.cat([near_errors, errors[keep]])
         keep = torch.nonzero(near_errors <= least + error.tolerance(least)).flatten().tolist()
-        near_subsets, near_errors = [near_subsets[i] for i in keep], near_errors[keep]
-    row, best = error.choose(_masks(near_subsets, e), near_errors)
-    return sorted(near_subsets[row]), best
+        near, near_subsets = [near[i] for i in keep], [near_subsets[i] for i in keep]
+        near_errors = near_errors[keep]
+        start += len(chunk)
+
+    def batch_of(i: int) -> tuple[int, torch.Tensor]:
+        size = error.reference.batch
+        chunk = itertools.islice(exhaustive_subsets(e, groups, per_group), i * size, (i + 1) * size)
+        return i * size, _masks(list(chunk), e)
+
+    place, best = error.choose(near, _masks(near_subsets, e), near_errors, batch_of)
+    subset = (
+        near_subsets[near.index(place)]
+        if place in near
+        else next(itertools.islice(exhaustive_subsets(e, groups, per_group), place, None))
+    )
+    return sorted(subset), best
 
 
 def greedy(error: SubsetErrors, e: int, groups: int, per_group: int) -> tuple[list[int], float]:
@@ -337,6 +372,14 @@ def greedy(error: SubsetErrors, e: int, groups: int, per_group: int) -> tuple[li
     while len(kept) > per_group * groups:
         removable = [j for j in sorted(kept) if sum(1 for i in kept if i // size == j // size) > per_group]
         masks = _masks([tuple(sorted(kept - {j})) for j in removable], e)
-        i, best = error.choose(masks, error(masks))
-        kept.remove(removable[i])
+        errors = error(masks)
+        near = torch.nonzero(errors <= float(errors.min()) + error.tolerance(float(errors.min())))
+        near = near.flatten().tolist()
+
+        def batch_of(i: int, masks: torch.Tensor = masks) -> tuple[int, torch.Tensor]:
+            size = error.reference.batch
+            return i * size, masks[i * size : (i + 1) * size]
+
+        place, best = error.choose(near, masks[near], errors[near], batch_of)
+        kept.remove(removable[place])
     return sorted(kept), best
