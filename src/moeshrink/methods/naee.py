@@ -36,6 +36,7 @@ import torch
 from pydantic import Field
 
 from moeshrink.arch import MoELayer
+from moeshrink.arch.base import ScoringRule
 from moeshrink.arch.routing import softmax_topk, topk_softmax
 from moeshrink.engine.observers import INPUTS, LOGITS, LayerStats
 from moeshrink.methods.base import ExpertMethod, LayerBudget
@@ -129,39 +130,53 @@ class SubsetErrors:
         self.evaluated = 0
         rule = layer.scoring
         self.by_rank = rule in (softmax_topk, topk_softmax) and e <= 52
-        if self.by_rank:  # tables indexed by each token's rank order instead of the expert index
-            logits64 = self.logits.double()
-            order = torch.sort(self.logits, dim=1, descending=True, stable=True).indices  # [T, E]
-            rank = torch.argsort(order, dim=1)
-            self.rank_bits = torch.ldexp(torch.ones(tokens, e, dtype=torch.float64), rank.double()).T
-            if e <= 24:
-                self.rank_bits = self.rank_bits.float()  # sums of distinct powers below 2^24: exact
-            top = logits64.gather(1, order[:, :1])
-            self.exp_by_rank = torch.exp(logits64.gather(1, order) - top)  # [T, E]
-            self.renormalise = rule is topk_softmax or getattr(layer.router, "norm_topk_prob", True)
-            self.exp_by_expert = torch.exp(logits64 - top).T  # [E, T]: softmax denominators over S
-            rows = torch.arange(tokens)[:, None, None]
-            self.table_gram = self.gram[rows, order[:, :, None], order[:, None, :]]
-            self.table_cross = self.cross.gather(1, order)
-            if self.renormalise and self.top_k <= 2:
-                self.table = self._rank_table().reshape(tokens, -1).T.contiguous()  # [E^k, T]
-                # E <= 16: the offset of each subset's rank tuple, looked up from its rank bits
-                self.lookup = _rank_tuple_offsets(e, self.top_k) if e <= 16 else None
-        else:
-            self.table_gram, self.table_cross = self.gram, self.cross
+        # Tokens routed by the family's rule for every candidate: all of them, or on the rank path those
+        # with two equal logits (frequent with a bfloat16 router), whose order top-k breaks its own way.
+        self.routed = torch.arange(tokens)
+        if self.by_rank:
+            ordered = torch.sort(self.logits, dim=1, descending=True, stable=True)
+            tied = (ordered.values[:, 1:] == ordered.values[:, :-1]).any(dim=1)
+            self.routed, free = torch.nonzero(tied).flatten(), torch.nonzero(~tied).flatten()
+            self._rank_tables(free, ordered.indices[free], rule)
+        r = self.routed
+        self.routed_tables = (self.gram[r], self.cross[r], self.energy_per_token[r])
+        self.routed_logits = self.logits[r]
         self.batch = max(1, PAIRS_PER_CHUNK // tokens)
 
+    def _rank_tables(self, free: torch.Tensor, order: torch.Tensor, rule: ScoringRule) -> None:
+        """Tables of the tokens ``free`` (no two equal logits) indexed by each token's rank order
+        ``order [T', E]`` (experts by descending logit) instead of the expert index."""
+        tokens, e = order.shape
+        rank = torch.argsort(order, dim=1)
+        self.rank_bits = torch.ldexp(torch.ones(tokens, e, dtype=torch.float64), rank.double()).T
+        if e <= 24:
+            self.rank_bits = self.rank_bits.float()  # sums of distinct powers below 2^24: exact
+        logits = self.logits[free].double()
+        top = logits.gather(1, order[:, :1])
+        self.exp_by_rank = torch.exp(logits.gather(1, order) - top)  # [T', E]
+        self.renormalise = rule is topk_softmax or getattr(self.layer.router, "norm_topk_prob", True)
+        self.exp_by_expert = torch.exp(logits - top).T  # [E, T']: softmax denominators over S
+        rows = torch.arange(tokens)[:, None, None]
+        self.rank_gram = self.gram[free][rows, order[:, :, None], order[:, None, :]]
+        self.rank_cross = self.cross[free].gather(1, order)
+        self.rank_energy = self.energy_per_token[free]
+        self.table = None
+        if self.renormalise and self.top_k <= 2:
+            self.table = self._rank_table().reshape(tokens, e**self.top_k).T.contiguous()  # [E^k, T']
+            # E <= 16: the offset of each subset's rank tuple, looked up from its rank bits
+            self.lookup = _rank_tuple_offsets(e, self.top_k) if e <= 16 else None
+
     def _rank_table(self) -> torch.Tensor:
-        """Each token's error when it routes to the experts of ranks ``(r1, ..., rk)`` (k <= 2,
-        weights renormalised over them): ``[T, E]`` or ``[T, E, E]`` (entries with r1 >= r2 unused)."""
-        diag = torch.diagonal(self.table_gram, dim1=1, dim2=2)
-        zz, cross, a = self.energy_per_token, self.table_cross, self.exp_by_rank
+        """Each free token's error when it routes to the experts of ranks ``(r1, ..., rk)`` (k <= 2,
+        weights renormalised over them): ``[T', E]`` or ``[T', E, E]`` (entries with r1 >= r2 unused)."""
+        diag = torch.diagonal(self.rank_gram, dim1=1, dim2=2)
+        zz, cross, a = self.rank_energy, self.rank_cross, self.exp_by_rank
         if self.top_k == 1:
             return zz[:, None] - 2 * cross + diag
         w1 = a[:, :, None] / (a[:, :, None] + a[:, None, :])
         w2 = a[:, None, :] / (a[:, :, None] + a[:, None, :])
         error = zz[:, None, None] - 2 * w1 * cross[:, :, None] - 2 * w2 * cross[:, None, :]
-        return error + w1 * w1 * diag[:, :, None] + w2 * w2 * diag[:, None, :] + 2 * w1 * w2 * self.table_gram
+        return error + w1 * w1 * diag[:, :, None] + w2 * w2 * diag[:, None, :] + 2 * w1 * w2 * self.rank_gram
 
     def __call__(self, allowed: torch.Tensor) -> torch.Tensor:
         """Errors ``[B]`` of the masks ``allowed [B, E]`` (float64; equal to the reference's up to
@@ -171,13 +186,20 @@ class SubsetErrors:
         return torch.cat(out)
 
     def _chunk(self, allowed: torch.Tensor) -> torch.Tensor:
-        tokens, e = self.gram.shape[:2]
-        if not self.by_rank:
-            w, index = route_batch(self.layer, self.logits, allowed)
-            return self._quadratic(list(index.unbind(-1)), list(w.double().unbind(-1))).sum(dim=1)
-        # [B, T]: bit r set = the token's rank-r expert is allowed (float32 is exact below 2^24)
+        total = torch.zeros(allowed.shape[0], dtype=torch.float64)
+        if len(self.routed):
+            w, index = route_batch(self.layer, self.routed_logits, allowed)
+            chosen, weights = list(index.unbind(-1)), list(w.double().unbind(-1))
+            total += _quadratic(*self.routed_tables, chosen, weights)
+        if self.by_rank and self.rank_bits.shape[1]:
+            total += self._rank_chunk(allowed)
+        return total
+
+    def _rank_chunk(self, allowed: torch.Tensor) -> torch.Tensor:
+        e, tokens = self.rank_bits.shape
+        # [B, T']: bit r set = the token's rank-r expert is allowed
         bits = (allowed.to(self.rank_bits.dtype) @ self.rank_bits).long()
-        if hasattr(self, "table"):
+        if self.table is not None:
             if self.lookup is not None:
                 offset = self.lookup.take(bits)
             else:
@@ -187,21 +209,8 @@ class SubsetErrors:
         chosen = _lowest_set_bits(bits, self.top_k)
         values = [self.exp_by_rank.view(-1).take(c + torch.arange(tokens) * e) for c in chosen]
         total = sum(values) if self.renormalise else allowed.double() @ self.exp_by_expert
-        return self._quadratic(chosen, [v / total for v in values]).sum(dim=1)
-
-    def _quadratic(self, chosen: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``||Z_t - sum_i w_i y_{c_i}||^2`` per candidate and token ``[B, T]``."""
-        tokens, e = self.gram.shape[:2]
-        base = torch.arange(tokens) * e
-        gram, cross = self.table_gram.reshape(-1), self.table_cross.reshape(-1)
-        rows = [(c + base) * e for c in chosen]
-        error = self.energy_per_token.expand_as(weights[0]).clone()
-        for i, (ci, wi) in enumerate(zip(chosen, weights, strict=True)):
-            error -= 2 * wi * cross.take(ci + base)
-            error += wi * wi * gram.take(rows[i] + ci)
-            for j in range(i + 1, len(chosen)):
-                error += 2 * wi * weights[j] * gram.take(rows[i] + chosen[j])
-        return error
+        weights = [v / total for v in values]
+        return _quadratic(self.rank_gram, self.rank_cross, self.rank_energy, chosen, weights)
 
     def choose(
         self,
@@ -247,6 +256,29 @@ class SubsetErrors:
         eps, scale = WEIGHT_EPS, self.output_scale
         drift = 2 * eps * math.sqrt(max(best + eps * scale, 0.0) * scale) + eps * eps * scale
         return 4 * drift + 2 * self.rounding
+
+
+def _quadratic(
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    energy: torch.Tensor,
+    chosen: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """``sum_t ||Z_t - sum_i w_i y_{c_i}||^2`` per candidate ``[B]``, from ``gram [T, E, E]``
+    (``y_e . y_f``), ``cross [T, E]`` (``y_e . Z_t``) and ``energy [T]`` (``Z_t . Z_t``); ``chosen``
+    and ``weights``: k tensors ``[B, T]`` (indices into the tables' E axis, and weights)."""
+    tokens, e = cross.shape
+    base = torch.arange(tokens) * e
+    gram, cross = gram.reshape(-1), cross.reshape(-1)
+    rows = [(c + base) * e for c in chosen]
+    error = energy.expand_as(weights[0]).clone()
+    for i, (ci, wi) in enumerate(zip(chosen, weights, strict=True)):
+        error -= 2 * wi * cross.take(ci + base)
+        error += wi * wi * gram.take(rows[i] + ci)
+        for j in range(i + 1, len(chosen)):
+            error += 2 * wi * weights[j] * gram.take(rows[i] + chosen[j])
+    return error.sum(dim=1)
 
 
 def _lowest_set_bits(bits: torch.Tensor, k: int) -> list[torch.Tensor]:
