@@ -11,6 +11,7 @@ floor of ``benchmarks/cost.py``), run before and after the prunes; the 1-minute 
 recorded at each step.
 
     python benchmarks/naee_search.py --keep 8 4 --domains wiki pydoc --before 35c434b --out docs/naee_search.json
+    python benchmarks/naee_search.py --report docs/naee_search.json
 """
 
 from __future__ import annotations
@@ -57,6 +58,32 @@ def floor_cpu(model: Path, calib: str, samples: int, seq_len: int, batch: int) -
     return _floor(job)()["cpu_steps"]["forward"]
 
 
+def report(paths: list[Path]) -> str:
+    """Markdown tables from the JSON files of earlier runs: per domain and keep, the search's CPU time
+    (4 layers) against the floor, the old search's and whether every layer chose the same subset;
+    the greedy fallback against the exhaustive optimum."""
+    runs = [entry for path in paths for entry in json.loads(path.read_text())["runs"]]
+    lines = [
+        "| domain | keep | subsets per layer | search CPU s (4 layers) | / floor | before CPU s | / floor "
+        "| same subsets | greedy = exhaustive | greedy error / exhaustive (max) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(runs, key=lambda r: (r["domain"], -r["keep"])):
+        layers, floor = r["layers"], min(r["floor_cpu_s"])
+        same = f"{sum(x['same_subset'] for x in layers)}/{len(layers)}" if "before_search_cpu_s" in r else ""
+        before = f"{r['before_search_cpu_s']:.2f}" if "before_search_cpu_s" in r else ""
+        before_ratio = f"{r['before_search_over_floor']:.1f}" if "before_search_cpu_s" in r else ""
+        exhaustive = [x for x in layers if x["search"] == "exhaustive"]
+        equal = sum(x["greedy_kept"] == x["kept"] for x in exhaustive)
+        worst = max(x["greedy_over_exhaustive"] for x in exhaustive)
+        lines.append(
+            f"| {r['domain']} | {r['keep']} | {layers[0]['subsets']:,} | {r['new_search_cpu_s']:.2f} | "
+            f"{r['new_search_cpu_s'] / floor:.1f} | {before} | {before_ratio} | {same} | "
+            f"{equal}/{len(exhaustive)} | {worst:.4f} | {r['load_1min'][0]:.1f}–{r['load_1min'][1]:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", type=int, nargs="+", default=[8, 4])
@@ -66,7 +93,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--report", type=Path, nargs="+", help="print the tables of these runs' JSON files")
     args = parser.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
     torch.set_num_threads(1)
 
     import moeshrink
