@@ -116,6 +116,9 @@ def main() -> None:
         row = current | {"layer": layer.index, "new_cpu_s": time.process_time() - t}
         row |= {"kept": [e.sources[0] for e in plan.experts], "search": plan.details["search"]}
         row |= {"error": plan.details["error"], "subsets": plan.details["subsets_evaluated"]}
+        # tokens with two equal router logits (their top-k order is torch's own; searched by routing)
+        logits = stats.logits[: self.settings.max_tokens].float().sort(dim=1).values
+        row |= {"tokens": logits.shape[0], "tied_tokens": int((logits[:, 1:] == logits[:, :-1]).any(1).sum())}
         if plan.details["search"] == "exhaustive":
             greedy = plan_layer(self.with_options(max_subsets=1), layer, stats, budget)
             row |= {
