@@ -14,11 +14,13 @@ k^2 + k numbers per token and subset (:class:`SubsetErrors`). Where the family's
 of S by the token's logits, weights by softmax" (Mixtral, Qwen-MoE, OLMoE, GraniteMoE, GPT-OSS), the
 k chosen experts are found without routing: with the experts ranked per token, ``sum_{e in S}
 2^rank_t(e)`` (one matrix product for a batch of subsets) has its k lowest set bits at the chosen
-ranks. Other rules (DeepSeek's groups, PhiMoE's sparsemixer) route each candidate by the family's own
-rule. Either way the candidates within a proven bound of the best are re-scored by the reference
-computation (:class:`ReconstructionError`, dense routing as the family computes it in float32), and
-the first of those with the least reference error in enumeration order is kept: the choice the
-reference search makes.
+ranks; for top-1/top-2 each token's error per rank tuple is tabulated once. Tokens with two equal
+logits (whose order ``torch.topk`` decides its own way) and other rules (DeepSeek's groups, PhiMoE's
+sparsemixer) route each candidate by the family's own rule. Either way the candidates within a
+proven bound of the best are re-scored by the reference computation (:class:`ReconstructionError`,
+dense routing as the family computes it in float32, the search before issue #16), ties within its
+rounding on its own batches, and the first with the least reference error in enumeration order is
+kept: the choice the reference search makes (docs/naee.md).
 
 Exhaustive over all C(E, K) subsets up to ``max_subsets`` (per routing group when the family routes
 within groups), greedy elimination (drop, one at a time, the expert whose removal hurts least)
@@ -131,11 +133,13 @@ class SubsetErrors:
         rule = layer.scoring
         self.by_rank = rule in (softmax_topk, topk_softmax) and e <= 52
         # Tokens routed by the family's rule for every candidate: all of them, or on the rank path those
-        # with two equal logits (frequent with a bfloat16 router), whose order top-k breaks its own way.
+        # with two equal logits (frequent with a bfloat16 router), whose order top-k breaks its own way,
+        # or two so close that their float32 probabilities may round equal.
         self.routed = torch.arange(tokens)
         if self.by_rank:
             ordered = torch.sort(self.logits, dim=1, descending=True, stable=True)
-            tied = (ordered.values[:, 1:] == ordered.values[:, :-1]).any(dim=1)
+            high, low = ordered.values[:, :-1], ordered.values[:, 1:]
+            tied = (high - low <= 1e-6 * (1 + high.abs())).any(dim=1)
             self.routed, free = torch.nonzero(tied).flatten(), torch.nonzero(~tied).flatten()
             self._rank_tables(free, ordered.indices[free], rule)
         r = self.routed
