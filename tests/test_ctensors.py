@@ -30,7 +30,7 @@ from moeshrink.surgery import apply_model_plan
 from moeshrink.testbed.ctensors import PRESETS, compress_weight, quantization_config, write_compressed_tensors
 from moeshrink.testbed.tiny import build_tiny_model
 
-from .conftest import tree_digest
+from .conftest import broken_copy, tree_digest
 from .test_quantized import _logits, _prune, assert_bit_exact
 
 # name -> (family, preset, modules left unquantized and listed in ignore)
@@ -282,15 +282,6 @@ def test_unsupported_compressed_tensors_are_refused_before_loading(
     assert not (tmp_path / "out").exists()
 
 
-def _broken(tmp_path: Path, source: Path, change) -> Path:
-    path = tmp_path / "broken"
-    shutil.copytree(source, path)
-    state = load_file(path / "model.safetensors")
-    change(state)
-    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-    return path
-
-
 MODULE = "model.layers.1.block_sparse_moe.experts.0.w1"
 QWEN = "model.layers.1.mlp.experts.2.down_proj"
 
@@ -343,7 +334,7 @@ QWEN = "model.layers.1.mlp.experts.2.down_proj"
     ],
 )
 def test_bad_tensors_are_refused(name, change, expected, ct, calib_file, tmp_path):
-    model = _broken(tmp_path, ct[name], change)
+    model = broken_copy(tmp_path, ct[name], change)
     with pytest.raises(MoeShrinkError, match=expected.replace("[", r"\[").replace("]", r"\]")) as err:
         _prune(model, calib_file, tmp_path / "out")
     assert "\n" not in str(err.value)
