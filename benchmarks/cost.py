@@ -121,6 +121,10 @@ def _prune(job: dict) -> Callable[[], dict]:
 
     moeshrink.job.run_steps = timed_run_steps
 
+    options = dict(job.get("options") or {})
+    # recovery is a step of its own, not a method option: method:recover=true[,recover_ridge=R]
+    step_fields = {k: json.loads(options.pop(k)) for k in ("recover", "recover_ridge") if k in options}
+
     def run() -> dict:
         out = Path(job["scratch"]) / f"out-{os.getpid()}"
         try:
@@ -136,8 +140,9 @@ def _prune(job: dict) -> Callable[[], dict]:
                 stream=job["stream"],
                 overwrite=True,
                 progress=False,
-                method_options=job.get("options") or None,
+                method_options=options or None,
                 verify=job.get("verify", False),
+                **step_fields,
             )
             written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
             steps = {k: v for k, v in result.seconds.items() if k != "total"}
@@ -205,8 +210,10 @@ def measure(job: dict, timeout: float, source: Path | None = None, script: str =
 
 
 def job_label(job: dict) -> str:
-    """The row a method run belongs to within its group, e.g. ``reap|8`` or ``reap+verify|8``."""
-    return f"{job['method']}{'+verify' if job.get('verify') else ''}|{job['keep']}"
+    """The row a method run belongs to within its group, e.g. ``reap|8``, ``reap+verify|8`` or, for the
+    code of another commit (``--before``), ``naee@35c434b|8``."""
+    before = f"@{job['before']}" if job.get("before") else ""
+    return f"{job['method']}{'+verify' if job.get('verify') else ''}{before}|{job['keep']}"
 
 
 def run_group(
@@ -313,6 +320,8 @@ def summarize(samples: list[dict]) -> list[dict]:
             ok = [s for s in runs if "error" not in s]
             row = info | {"run_id": run_id, "group": key, "kind": "prune", "method": runs[0]["method"]}
             row["verify"] = bool(runs[0].get("verify"))
+            if runs[0].get("before"):
+                row["before"] = runs[0]["before"]
             row |= {"keep": runs[0]["keep"], "runs": len(runs)}
             if not ok:
                 rows.append(row | {"error": runs[0]["error"]})
@@ -389,6 +398,7 @@ def _table_row(r: dict, width: int) -> str:
         cells = [str(r["keep"]), r["method"], str(r["runs"]), r["error"]] + [""] * (width - 4)
     else:
         what = f"{r['method']}, output verified" if r.get("verify") else r["method"]
+        what += f", at commit {r['before']}" if r.get("before") else ""
         ratio = "floor_seconds" in r
 
         def of(key: str, fmt: Callable[[float], str] = lambda v: f"{v:.2f}") -> str:
@@ -453,6 +463,15 @@ def render(data: dict) -> str:
         f"1-minute load average {meta['load_start'][0]:.1f} at the start, "
         f"{meta.get('load_end', [float('nan')])[0]:.1f} at the end.",
         "",
+        *(
+            [
+                f"Rows *at commit {meta['before']}* run that commit's `src/` (the code before the change), each "
+                "right after the same method at the run's commit, between the same floors.",
+                "",
+            ]
+            if meta.get("before")
+            else []
+        ),
         f"Calibration: {meta['samples']} sequences x {meta['seq_len']} tokens of one domain's calib split, "
         f"batch {meta['batch_size']}, one thread; best of {meta['repeat']} for methods whose first run took "
         f"at most {meta['repeat_below']:g} s, best of 1 above. `load` is the range of the 1-minute load "
@@ -550,12 +569,13 @@ def _checkpoint_info(name: str, path: Path) -> dict:
     }
 
 
-def snapshot_source(scratch: Path) -> Path:
-    """``src/`` of the committed HEAD, unpacked under ``scratch``: every process of a run imports the same
-    code, whatever is edited in the working tree meanwhile."""
+def snapshot_source(scratch: Path, commit: str = "HEAD") -> Path:
+    """``src/`` of ``commit`` (default: the committed HEAD), unpacked under ``scratch``: every process of a run
+    imports the same code, whatever is edited in the working tree meanwhile."""
     archive = subprocess.run(
-        ["git", "archive", "HEAD", "src/moeshrink"], cwd=HERE.parent, capture_output=True, check=True
+        ["git", "archive", commit, "src/moeshrink"], cwd=HERE.parent, capture_output=True, check=True
     )
+    scratch.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(scratch)], input=archive.stdout, check=True)
     return scratch / "src"
 
@@ -602,6 +622,11 @@ def main() -> None:
     parser.add_argument(
         "--working-tree", action="store_true", help="import moeshrink as it is now, not the committed HEAD"
     )
+    parser.add_argument(
+        "--before",
+        help="a commit: the --before-methods also run with its src/ (rows 'at commit ...'), same floors",
+    )
+    parser.add_argument("--before-methods", nargs="+", default=["naee"])
     parser.add_argument("--report-only", action="store_true", help="rewrite OUT.md from OUT.json")
     parser.add_argument("--notes", type=Path, help="markdown appended under the tables (kept in OUT.json)")
     args = parser.parse_args()
@@ -626,6 +651,16 @@ def main() -> None:
     scratch = args.scratch / run_id
     scratch.mkdir(parents=True)
     source = None if args.working_tree else snapshot_source(scratch)
+    before = None
+    if args.before:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=7", args.before],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        before = (commit, snapshot_source(scratch / "before", commit))
     script = shutil.copy(__file__, scratch / "cost.py")  # this file may be edited while the run goes on
     data_dir = source / "moeshrink" / "testbed" / "data" if source else paths.DATA
     calib = _freeze_calibration(args.calib_domains, data_dir / "corpus", scratch)
@@ -636,6 +671,7 @@ def main() -> None:
         "machine": machine_info(),
         "versions": versions(),
         "source": "working tree" if source is None else "git HEAD (src/ unpacked for the run)",
+        "before": before[0] if before else None,
         "threads": 1,
         "load_start": list(os.getloadavg()),
         "samples": args.samples,
@@ -663,6 +699,8 @@ def main() -> None:
                 options = dict(o.split("=", 1) for o in filter(None, opts.split(",")))
                 job |= {"method": method, "options": options, "keep": spec["keep"]}
                 job["verify"] = spec.get("verify", False)
+            if spec.get("before"):
+                return measure(job, args.timeout, before[1], str(script))
             return measure(job, args.timeout, source, str(script))
 
         return measure_one
@@ -673,6 +711,13 @@ def main() -> None:
     plan: list[tuple[str, Path, list[dict], list[bool], list[str]]] = []
     if not args.skip_testbed:
         jobs = [{"method": m, "keep": k} for k in args.keep for m in args.methods]
+        if before:  # each right after its current row, so both share a floor
+            jobs = [
+                x
+                for job in jobs
+                for x in [job]
+                + ([job | {"before": before[0]}] if job["method"] in args.before_methods else [])
+            ]
         jobs += [{"method": m, "keep": args.keep[0], "verify": True} for m in args.verified]
         modes = [m == "stream" for m in args.modes]
         plan.append(("testbed", data_dir / "moeshrink-tiny", jobs, modes, args.calib_domains))

@@ -138,6 +138,13 @@ def main() -> None:
     )
     parser.add_argument("--samples", type=int, default=64, help="calibration sequences for the baselines")
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument(
+        "--split",
+        choices=["validation", "test"],
+        default="test",
+        help="held-out text for perplexity: validation to choose settings, test to report (the task's "
+        "held-out items come from the shipped tasks, built from test)",
+    )
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per domain")
     parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md from OUT.json and stop")
     parser.add_argument(
@@ -175,11 +182,15 @@ def main() -> None:
     heldout = build_task_data(tokenizer, read_items(task_path, *HELD_OUT))
     fitness_data = build_task_data(tokenizer, read_items(task_path, 0, args.items))
     windows = {
-        d: domain_windows(tokenizer, corpus_dir() / d / "test.jsonl", args.seq_len, args.eval_tokens)
+        d: domain_windows(tokenizer, corpus_dir() / d / f"{args.split}.jsonl", args.seq_len, args.eval_tokens)
         for d in DOMAINS
     }
     json_path = args.out.with_suffix(".json")
     data: dict = json.loads(json_path.read_text()) if json_path.exists() else {"rows": {}, "commands": []}
+    if data.get("settings", {}).get("split", "test") != args.split:
+        sys.exit(
+            f"{json_path} holds rows measured on another split than --split {args.split}: use another --out"
+        )
     data["commands"].append("OMP_NUM_THREADS=1 python benchmarks/eep.py " + " ".join(sys.argv[1:]))
     if "baseline" not in data:
         data["settings"] = {
@@ -201,6 +212,8 @@ def main() -> None:
                 "acc"
             ]
         data["floor_seconds"] = forward_floor(base.model, fitness_data.input_ids)
+    # every invocation measures its own floor: its rows divide by it, not by an earlier run's
+    floor_seconds = forward_floor(base.model, fitness_data.input_ids)
     data.setdefault("total_seconds", 0.0)
     eep = "eep" + ("" if args.objective == "accuracy" else f":{args.objective}")
     eep += "" if args.init == ["frequency"] else "@" + "+".join(args.init)
@@ -234,6 +247,7 @@ def main() -> None:
         if f"{eep}|{keep}" in data["rows"]:
             continue
         row = run_eep(args, model_dir, keep, None, heldout, windows)
+        row["search"]["floor_seconds"] = floor_seconds
         models[keep] = row.pop("_model")
         if args.active_experts is not None:
             row["active_top_k"] = {str(i): k for i, k in sorted(row_top_k(row).items())}
@@ -402,7 +416,7 @@ def render(data: dict) -> str:
                 _fmt(sr["search_seconds"], 1),
                 _fmt(sr["wall_seconds"], 1),
                 _fmt(sr["evaluations_per_second"], 2),
-                _fmt(sr["search_seconds"] / data["floor_seconds"], 1),
+                _fmt(sr["search_seconds"] / sr.get("floor_seconds", data["floor_seconds"]), 1),
                 f"{sr['fitness_prune']['accuracy']:.3f} -> {sr['fitness_merge']['accuracy']:.3f}",
                 f"{sr['fitness_prune']['nll']:.3f} -> {sr['fitness_merge']['nll']:.3f}",
                 str(sr["merged_experts"]),

@@ -46,12 +46,15 @@ PRUNE_KEYS = (
     "nm",
     "global_budget",
 )
+# Variant keys of the recover step: recover=true, then recover_ridge / recover_router / recover_down
+# (its fields ridge, router, down), e.g. ``reap:recover=true,recover_router=false``.
+RECOVER_KEYS = ("recover", "recover_ridge", "recover_router", "recover_down")
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
     """``uncurl:align=none,reconstruct=true`` -> ("uncurl", {"align": "none", "reconstruct": True});
-    keys in PRUNE_KEYS (e.g. ``stun:total_sparsity=0.55``, ``none:sparsity_method=owl,total_sparsity=0.4``)
-    are passed to prune() itself."""
+    keys in PRUNE_KEYS (e.g. ``stun:total_sparsity=0.55``, ``none:sparsity_method=owl,total_sparsity=0.4``,
+    ``reap:recover=true,recover_ridge=0.1``) are passed to prune() itself."""
     name, _, rest = spec.partition(":")
     options = {}
     for item in filter(None, rest.split(",")):
@@ -130,6 +133,10 @@ def main() -> None:
                 print(f"[quality] {key}", flush=True)
                 name, options = parse_variant(method)
                 prune_kwargs = {k: options.pop(k) for k in PRUNE_KEYS if k in options}
+                recover = {k: options.pop(k) for k in RECOVER_KEYS if k in options}
+                if recover.pop("recover", False):
+                    spec = {k.removeprefix("recover_"): v for k, v in recover.items()}
+                    prune_kwargs["steps"] = [{"recover": spec}]
                 result = prune(
                     model_dir,
                     name,
@@ -145,6 +152,8 @@ def main() -> None:
                 row["compress_seconds"] = result.seconds["compress"]
                 row["experts_per_layer_after"] = result.after.experts_per_layer
                 row["method_details"] = [lp.details for lp in result.plan.layers if lp.details]
+                if result.plan.recovery:
+                    row["recovery"] = result.plan.recovery
                 if result.plan.sparsity:
                     row["sparsity"] = {
                         k: v for k, v in result.plan.sparsity.items() if k != "dense_layers"

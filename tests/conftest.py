@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,18 @@ def calib_file(tmp_path_factory) -> Path:
     )
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(text)
+    return path
+
+
+def broken_copy(tmp_path: Path, source: Path, change) -> Path:
+    """A copy of the one-shard checkpoint ``source`` whose tensors ``change(state)`` has altered."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "broken"
+    shutil.copytree(source, path)
+    state = load_file(path / "model.safetensors")
+    change(state)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     return path
 
 

@@ -100,3 +100,15 @@ def test_the_layer_loop_computes_in_float32_and_puts_every_tensor_back(half_mode
     for name, tensor in model.state_dict().items():
         assert tensor.dtype == before[name][0], name
         assert torch.equal(tensor, before[name][1]), name
+
+
+def test_recovery_of_a_float16_model_is_fitted_in_float32_and_written_in_float16(
+    half_models, calib_file, tmp_path
+):
+    path = half_models["deepseek_v3"]
+    result = _prune(path, "reap", tmp_path / "o", calib=calib_file, recover=True)
+    assert result.plan.calibration["compute_dtype"] == "float32"
+    assert all(lp.recovery is not None for lp in result.plan.layers)
+    written, source = tensor_dtypes(tmp_path / "o"), tensor_dtypes(path)
+    for name, dtype in written.items():
+        assert dtype == source.get(name, dtype), name

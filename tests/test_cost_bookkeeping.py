@@ -59,6 +59,18 @@ def test_floors_interleave_and_slow_methods_run_once():
     assert [s["seq"] for s in samples] == list(range(len(samples)))
 
 
+def test_rows_of_the_code_before_a_change_are_rows_of_their_own():
+    jobs = [{"method": "naee", "keep": 8}, {"method": "naee", "keep": 8, "before": "35c434b"}]
+    samples = collect(jobs, {"floor": [1.0, 2.0, 4.0], "naee": [3.0, 90.0]}, repeat=1)
+    rows = [r for r in cost.summarize(samples) if r["kind"] == "prune"]
+    assert [cost.job_label(j) for j in jobs] == ["naee|8", "naee@35c434b|8"]
+    assert [(r.get("before"), r["seconds"], r["floor_seqs"]) for r in rows] == [
+        (None, 3.0, [0, 2]),
+        ("35c434b", 90.0, [2, 4]),
+    ]
+    assert "naee, at commit 35c434b" in cost._table_row(rows[1], 16)
+
+
 def test_each_row_divides_by_its_adjacent_floors_only():
     jobs = [{"method": "reap", "keep": 8}, {"method": "msmoe", "keep": 4}]
     # F=1.0 reap=3 F=2.0 msmoe=8 F=4.0 reap=2.5 F=0.5 msmoe=9 F=10

@@ -135,3 +135,27 @@ def test_verify_serving_without_vllm_says_what_to_install(verified, capsys):
     out, _ = verified
     assert main(["verify", str(out), "--no-vllm", "--serving"]) == 2
     assert "moeshrink[vllm]" in capsys.readouterr().err
+
+
+def test_root_cause_keeps_pydantics_reason():
+    """vLLM validates its config with pydantic, whose reason is on a later line than the error's name."""
+    import pydantic
+
+    from moeshrink.verify import root_cause
+
+    class Config(pydantic.BaseModel):
+        dtype: str
+
+        @pydantic.model_validator(mode="after")
+        def check(self):
+            raise ValueError(f"{self.dtype} is not supported for quantization method fp8")
+
+    try:
+        Config(dtype="torch.float32")
+    except pydantic.ValidationError as e:
+        stderr = f"Traceback (most recent call last):\n  ...\n{type(e).__module__}.ValidationError: {e}\n"
+    assert root_cause(stderr) == (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for Config: "
+        "torch.float32 is not supported for quantization method fp8"
+    )
+    assert root_cause("noise\nRuntimeError: boom\nsee root cause above\n") == "RuntimeError: boom"

@@ -100,6 +100,18 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
         help="share the experts kept (--keep per layer on average, or --ratio) over the layers by usage; "
         "the output then has per-layer expert counts",
     )
+    p.add_argument(
+        "--recover",
+        action="store_const",
+        const=True,
+        help="after the expert-level method, re-fit the kept experts' router rows and down projections so each "
+        "layer's output matches the original's on the calibration tokens (docs/recovery.md)",
+    )
+    p.add_argument(
+        "--recover-ridge",
+        type=float,
+        help="recovery's ridge, relative to each fit's Gram diagonal, in (0, 100] (default 1, chosen on the validation split)",
+    )
     stream = p.add_mutually_exclusive_group()
     stream.add_argument(
         "--stream",
@@ -339,13 +351,35 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _process_started() -> float:
+    """The ``time.perf_counter()`` reading at which this process started (Linux: its start time in
+    /proc/self/stat against the boot clock), so that a time budget counts the interpreter's imports
+    too; elsewhere, now."""
+    import time
+
+    now = time.perf_counter()
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started_after_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - started_after_boot
+    except (OSError, ValueError, IndexError, AttributeError):
+        return now
+    return now - age if 0 <= age < 3600 else now
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
+    started = _process_started()  # --time-budget bounds the whole command, imports included
     from moeshrink.engine import distributed
     from moeshrink.search import search
 
     result = search(
         args.model,
         args.task,
+        calib=args.calib,
+        samples=args.samples,
+        select_samples=args.select_samples,
+        seq_len=args.seq_len,
+        patience=args.patience,
         keep=args.keep,
         top_k=args.top_k,
         items=args.items,
@@ -365,13 +399,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         verify=args.verify,
         revision=args.revision,
+        started=started,
     )
     if distributed.rank() == 0:
         best, state = result.best.fitness, result.state
+        run = result.plan.method_options["run"]
+        budget = f" of a {args.time_budget:g}s budget" if args.time_budget else ""
         print(
-            f"eep: {args.keep} experts per layer, top-k {result.plan.top_k}; fitness accuracy {best.accuracy:.3f}, "
-            f"gold nll {best.nll:.3f}; {state.evaluations} evaluations in {state.seconds:.1f}s "
-            f"({result.evaluations_per_second:.2f}/s); wrote {result.output}"
+            f"eep: {args.keep} experts per layer, top-k {result.plan.top_k}; best {best.label()}; "
+            f"{state.evaluations} evaluations in {state.seconds:.1f}s ({result.evaluations_per_second:.2f}/s), "
+            f"{run['generations']} generations, {run['stopped']}; wall time {result.seconds['total']:.1f}s"
+            f"{budget}; wrote {result.output}"
         )
     return 0
 
@@ -469,12 +507,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "search",
-        help="EEP: evolutionary prune-and-merge search scored on a task, exported with a standard router",
+        help="EEP: evolutionary prune-and-merge search scored on plain text or a task, exported with a "
+        "standard router",
     )
     p.add_argument("model", help="checkpoint directory or Hub id org/name")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) of an org/name model")
     p.add_argument(
-        "--task", required=True, help="multiple-choice JSONL file or local task (moeshrink_<domain>)"
+        "--calib",
+        nargs="+",
+        help="plain text (.txt / .jsonl files): fitness = next-token loss on part of it, the best "
+        "candidate chosen on a held-out part",
+    )
+    p.add_argument(
+        "--task", help="instead of --calib: multiple-choice JSONL file or local task (moeshrink_<domain>)"
+    )
+    p.add_argument("--samples", type=int, default=8, help="--calib: fitness windows (default 8)")
+    p.add_argument(
+        "--select-samples", type=int, default=16, help="--calib: held-out selection windows (default 16)"
+    )
+    p.add_argument("--seq-len", type=int, default=256, help="--calib: tokens per window (default 256)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=3,
+        help="--calib: end a stage after this many generations without a better held-out loss (default 3)",
     )
     p.add_argument("--keep", type=int, required=True, help="experts kept per MoE layer")
     p.add_argument("--top-k", type=int, help="active experts per token (default: unchanged)")
@@ -493,7 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="accuracy (ties: gold loss), loss of the gold continuations, or loss over the items' whole text",
     )
     p.add_argument(
-        "--init", nargs="+", default=["frequency"], help="scoring methods whose choice seeds the search"
+        "--init",
+        nargs="+",
+        default=["frequency", "reap"],
+        help="scoring methods whose choice seeds the search (default frequency reap)",
     )
     p.add_argument(
         "--merge-scope",
@@ -502,7 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge mutations move every entry, or only those bringing a removed expert into a kept one",
     )
     p.add_argument(
-        "--time-budget", type=float, help="seconds for the whole search (stops after a generation)"
+        "--time-budget",
+        type=float,
+        help="seconds for the whole call (loading, search, export): exports the best candidate so far",
     )
     p.add_argument("--state-dir", help="save the search state here after every generation; resume from it")
     p.add_argument("--seed", type=int, default=0)

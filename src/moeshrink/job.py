@@ -1,7 +1,7 @@
 """One job description, built alike by the ``moeshrink`` command, YAML recipes and the Python API.
 
-A job is its run settings plus an ordered list of steps (``experts``, ``top_k``, ``sparsify``, and
-``stun`` as shorthand for STUN's two phases). The flat fields ``prune()`` and the command take
+A job is its run settings plus an ordered list of steps (``experts``, ``top_k``, ``recover``,
+``sparsify``, and ``stun`` as shorthand for STUN's two phases). The flat fields ``prune()`` and the command take
 (``method``, ``keep``, ``ratio``, ``top_k``, ``sparsity``, ...) are a shorthand for the same steps;
 given with a recipe that has steps, they override the matching step.
 
@@ -14,6 +14,7 @@ seq_len: 512
 steps:
   - experts: {method: reap, keep: 8}
   - top_k: 1
+  - recover: {ridge: 1.0}                # re-fit router rows and down projections (--recover)
   - sparsify: {sparsity: 0.5, method: wanda}
 ```
 
@@ -47,7 +48,7 @@ from moeshrink.engine.data import (
 )
 from moeshrink.engine.offload import ResidentLayers
 from moeshrink.engine.runner import run_steps
-from moeshrink.engine.steps import ExpertsStep, LayerStep, SparsifyStep, TopKStep
+from moeshrink.engine.steps import ExpertsStep, LayerStep, RecoverStep, SparsifyStep, TopKStep
 from moeshrink.errors import MoeShrinkError
 from moeshrink.info import ModelInfo, describe_model, meta_model
 from moeshrink.io.checkpoint import (
@@ -72,8 +73,7 @@ from moeshrink.io.streaming import (
 from moeshrink.methods import ExpertMethod, get_method
 from moeshrink.plan import LayerPlan, ModelPlan
 from moeshrink.quant import read_quantization
-from moeshrink.quant.fp8 import BlockFP8Checkpoint
-from moeshrink.quant.source import BlockFP8Layers, check_block_fp8_job
+from moeshrink.quant.source import QuantizedCheckpoint, QuantizedLayers, check_quantized_job
 from moeshrink.report.model_card import model_card
 from moeshrink.runtime import compute_dtype
 from moeshrink.sparsity.accounting import SparsityReport, count_sparsity
@@ -93,6 +93,23 @@ class ExpertsSpec(BaseModel):
     ratio: float | None = None
     options: dict[str, Any] = {}
     global_budget: bool = False
+
+
+# The recover step's ridge, relative to the mean diagonal of each fit's Gram matrix: chosen on the
+# testbed's validation split (docs/recovery.md).
+RECOVER_RIDGE = 1.0
+RECOVER_RIDGE_MAX = 100.0
+
+
+class RecoverSpec(BaseModel):
+    """Re-fit the kept experts' router rows (``router``) and down projections (``down``) after an
+    expert-level method, by ridge least squares (``ridge``, relative to each Gram's mean diagonal;
+    larger keeps the weights closer to the compressed ones)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ridge: float = Field(RECOVER_RIDGE, gt=0, le=RECOVER_RIDGE_MAX)
+    router: bool = True
+    down: bool = True
 
 
 class SparsifySpec(BaseModel):
@@ -125,18 +142,24 @@ class Step(BaseModel):
     model_config = ConfigDict(extra="forbid")
     experts: ExpertsSpec | None = None
     top_k: int | None = Field(None, ge=1)
+    recover: RecoverSpec | None = None
     sparsify: SparsifySpec | None = None
     stun: StunSpec | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Step:
-        if sum(v is not None for v in (self.experts, self.top_k, self.sparsify, self.stun)) != 1:
-            raise ValueError("each step has exactly one kind: 'experts', 'top_k', 'sparsify' or 'stun'")
+        if sum(getattr(self, k) is not None for k in STEP_KINDS) != 1:
+            raise ValueError(
+                "each step has exactly one kind: 'experts', 'top_k', 'recover', 'sparsify' or 'stun'"
+            )
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("experts", "top_k", "sparsify", "stun") if getattr(self, k) is not None)
+        return next(k for k in STEP_KINDS if getattr(self, k) is not None)
+
+
+STEP_KINDS = ("experts", "top_k", "recover", "sparsify", "stun")
 
 
 # The flat shorthand: field -> (step kind, field of that step).
@@ -147,6 +170,8 @@ SHORTHAND = {
     "method_options": ("experts", "options"),
     "global_budget": ("experts", "global_budget"),
     "top_k": ("top_k", None),
+    "recover": ("recover", None),
+    "recover_ridge": ("recover", "ridge"),
     "sparsity": ("sparsify", "sparsity"),
     "total_sparsity": ("sparsify", "total_sparsity"),
     "sparsity_method": ("sparsify", "method"),
@@ -155,7 +180,7 @@ SHORTHAND = {
     "owl_lambda": ("sparsify", "owl_lambda"),
 }
 # Shorthand fields that alone make a step (the others only qualify one).
-MAKES_STEP = {"method", "top_k", "sparsity", "total_sparsity", "nm"}
+MAKES_STEP = {"method", "top_k", "sparsity", "total_sparsity", "nm", "recover"}
 
 
 def _fold_shorthand(data: dict[str, Any]) -> dict[str, Any]:
@@ -181,16 +206,20 @@ def _fold_shorthand(data: dict[str, Any]) -> dict[str, Any]:
     given = {k: v for k, v in given.items() if v is not None}
     if given.get("sparsity") == 0:
         given.pop("sparsity")
-    for kind in ("experts", "top_k", "sparsify"):
+    for kind in ("experts", "top_k", "recover", "sparsify"):
         fields = {SHORTHAND[k][1]: v for k, v in given.items() if SHORTHAND[k][0] == kind}
         if not fields:
             continue
         existing = next((s for s in steps if kind in s), None)
+        if kind == "recover":
+            _fold_recover(steps, existing, fields)
+            continue
         if kind == "top_k":
             if existing is not None:
                 existing["top_k"] = fields[None]
-            else:
-                steps.append({"top_k": fields[None]})
+            else:  # before a recover step, which fits the routing as it will be
+                recover = [i for i, s in enumerate(steps) if "recover" in s]
+                steps.insert(recover[0] if recover else len(steps), {"top_k": fields[None]})
             continue
         if existing is None:
             if not MAKES_STEP & {k for k in given if SHORTHAND[k][0] == kind}:
@@ -205,6 +234,22 @@ def _fold_shorthand(data: dict[str, Any]) -> dict[str, Any]:
     if steps:
         data["steps"] = steps
     return data
+
+
+def _fold_recover(steps: list[dict[str, Any]], existing: dict | None, fields: dict[Any, Any]) -> None:
+    """``recover`` (True: add the step, False: drop it) and ``recover_ridge``: the recover step goes
+    after the experts and top-k steps, so it fits the routing as it will be."""
+    if fields.get(None) is False:
+        steps[:] = [s for s in steps if "recover" not in s]
+        return
+    if existing is None:
+        if fields.get(None) is not True:
+            raise MoeShrinkError("--recover-ridge sets the recover step's ridge: add --recover")
+        existing = {"recover": {}}
+        after = [i for i, s in enumerate(steps) if "experts" in s or "top_k" in s]
+        steps.insert(after[-1] + 1 if after else 0, existing)
+    body = existing["recover"] = dict(existing["recover"] or {})
+    body.update({k: v for k, v in fields.items() if k is not None})
 
 
 def _only(d: dict, key: str) -> dict:
@@ -431,7 +476,7 @@ class CheckedJob:
     calib_paths: list[str | Path] | None
     calib_dataset: DatasetName | None = None
     calib_field: str = "text"
-    quantized: BlockFP8Checkpoint | None = None  # a block-FP8 input (moeshrink.quant)
+    quantized: QuantizedCheckpoint | None = None  # a block-FP8 or compressed-tensors input (moeshrink.quant)
 
     def run(self) -> PruneResult:
         """Load -> calibrate -> run the steps -> update the config -> export."""
@@ -455,8 +500,8 @@ class CheckedJob:
         timings["prepare"] = time.perf_counter() - start
         t = time.perf_counter()
         sparsifies = any(isinstance(s, SparsifyStep) for s in self.steps)
-        if self.quantized is not None:  # block-FP8: read and dequantized one layer at a time
-            source = BlockFP8Layers(
+        if self.quantized is not None:  # read and dequantized one layer at a time
+            source = QuantizedLayers(
                 self.path,
                 self.config,
                 adapter,
@@ -559,6 +604,22 @@ class CheckedJob:
         by_kind = {s.kind: (s, done) for s, done in zip(steps, records, strict=True)}
         experts, planned = by_kind["experts"]
         layer_plans: list[LayerPlan] = list(planned.values())
+        recover, recovered = by_kind.get("recover", (None, {}))
+        recovery = None
+        if recover is not None:
+            for lp in layer_plans:
+                done = recovered.get(lp.layer)
+                if done is None:
+                    continue
+                lp.recovery = done.errors
+                lp.refit_tensors.update(done.tensors)
+                for i, names in done.names().items():
+                    lp.experts[i].refit = sorted(set(lp.experts[i].refit) | set(names))
+            errors = [lp.recovery for lp in layer_plans if lp.recovery]
+            recovery = {"ridge": recover.ridge, "router": recover.router, "down": recover.down} | {
+                f"mean_{k}": sum(e[k] for e in errors) / len(errors) for k in ("before", "after") if errors
+            }
+            recovery["router_fitted_layers"] = sum(e.get("router") == "fitted" for e in errors)
         sparsify, sparsified = by_kind.get("sparsify", (None, {}))
         summary = None
         if sparsify is not None:
@@ -590,6 +651,7 @@ class CheckedJob:
             if calibration
             else None,
             sparsity=summary,
+            recovery=recovery,
             versions=versions(),
             layers=layer_plans,
         )
@@ -614,9 +676,17 @@ def check_job(job: Job) -> CheckedJob:
     experts_spec = job.step_of("experts")
     top_k_given = job.step_of("top_k")
     sparsify_given = job.step_of("sparsify")
+    recover_given = job.step_of("recover")
+    if recover_given is not None:
+        _check_recover_order(job, experts_spec)
     if experts_spec is None:
         raise MoeShrinkError("no method given: pass --method NAME (or 'method:' in the recipe)")
     method = get_method(experts_spec.method, seed=job.seed, **experts_spec.options)
+    if recover_given is not None and method.name == "none":
+        raise MoeShrinkError(
+            "nothing to recover: method 'none' keeps every expert; add --method NAME --keep K (recovery re-fits "
+            "what an expert-level method left wrong)"
+        )
     top_k = int(top_k_given if top_k_given is not None else config.num_experts_per_tok)
     if method.name == "none":
         if experts_spec.keep is not None or experts_spec.ratio is not None:
@@ -647,9 +717,9 @@ def check_job(job: Job) -> CheckedJob:
         inside_sparsity(skeleton, adapter, spec.scope, uniform, sparsify_given.total_sparsity)
     wants_data = spec is not None and spec.uses_wanda
     calib_paths, calib_dataset, calib_field = None, None, "text"
-    if method.needs or wants_data or experts_spec.global_budget:
+    if method.needs or wants_data or experts_spec.global_budget or recover_given is not None:
         calib_paths, calib_dataset, calib_field = _check_calibration(
-            job, method, experts_spec.global_budget, path
+            job, method, experts_spec.global_budget, path, recover_given is not None
         )
         positions = getattr(config, "max_position_embeddings", None)
         if positions is not None and job.seq_len > int(positions):
@@ -659,7 +729,9 @@ def check_job(job: Job) -> CheckedJob:
             )
     reader = ShardReader(path)  # every shard present and complete, before anything is written
     if job.output is not None:
-        refit = bool(getattr(getattr(method, "settings", None), "reconstruct", False))
+        refit = recover_given is not None or bool(
+            getattr(getattr(method, "settings", None), "reconstruct", False)
+        )
         estimate = estimate_output_bytes(reader, adapter, config, keep, dtype=job.dtype, refit=refit)
         check_free_disk(job.output, estimate)
     stream = choose_streaming(
@@ -669,8 +741,13 @@ def check_job(job: Job) -> CheckedJob:
         {"OWL": spec is not None and spec.method == "owl", "torchrun": distributed.world_size() > 1},
     )
     quantized = None
+    if scheme is not None and recover_given is not None:
+        raise MoeShrinkError(
+            "a block-FP8 checkpoint is only pruned here (kept experts copied bit-exact): recovery re-fits "
+            "weights; drop --recover"
+        )
     if scheme is not None:
-        quantized, stream = check_block_fp8_job(
+        quantized, stream = check_quantized_job(
             path,
             scheme,
             reader,
@@ -701,6 +778,8 @@ def check_job(job: Job) -> CheckedJob:
             )
         elif s.kind == "top_k":
             steps.append(TopKStep(top_k))
+        elif s.kind == "recover":
+            steps.append(RecoverStep(ridge=s.recover.ridge, router=s.recover.router, down=s.recover.down))
         else:
             steps.append(SparsifyStep(spec, total=sparsify_given.total_sparsity))
     return CheckedJob(
@@ -724,14 +803,32 @@ def check_job(job: Job) -> CheckedJob:
     )
 
 
+def _check_recover_order(job: Job, experts_spec: ExpertsSpec | None) -> None:
+    """A recover step follows the experts step (only top-k steps between them, none after it): it
+    compares each layer with the original in the same pass and fits the routing as it will be."""
+    kinds = [s.kind for s in job.steps]
+    if experts_spec is None or kinds.index("recover") < kinds.index("experts"):
+        raise MoeShrinkError(
+            "nothing to recover: recovery re-fits what an expert-level method left wrong; add --method NAME "
+            "--keep K (an experts step before the recover step)"
+        )
+    between = kinds[kinds.index("experts") + 1 : kinds.index("recover")]
+    if any(k != "top_k" for k in between) or "top_k" in kinds[kinds.index("recover") :]:
+        raise MoeShrinkError(
+            "put the recover step right after the experts step (and any top_k step): it fits each layer as "
+            "the expert-level method and the final top-k leave it"
+        )
+
+
 def _check_calibration(
-    job: Job, method: ExpertMethod, global_budget: bool, path: Path
+    job: Job, method: ExpertMethod, global_budget: bool, path: Path, recover: bool = False
 ) -> tuple[list[str | Path] | None, DatasetName | None, str]:
     """The calibration files (checked to exist) or named dataset (resolved, its rows not loaded), the
     field, and the tokenizer (checked to be there, with a chat template when one is asked for)."""
     if not job.calib and not job.calib_dataset:
+        who = "recovery" if recover and not method.needs else f"method '{method.name}'"
         raise MoeShrinkError(
-            f"method '{method.name}'{' with a global budget' if global_budget else ''} needs calibration "
+            f"{who}{' with a global budget' if global_budget else ''} needs calibration "
             "text: pass --calib FILE or --calib-dataset NAME"
         )
     if job.calib and job.calib_dataset:
@@ -758,6 +855,7 @@ __all__ = [
     "ExpertsSpec",
     "Job",
     "PruneResult",
+    "RecoverSpec",
     "SparsifySpec",
     "Step",
     "StunSpec",

@@ -38,7 +38,9 @@ class NewExpert(BaseModel):
     permutations: list[list[int] | None] | None = None
     router_weights: list[float]
     refit: list[str] = Field(
-        default_factory=list, description="tensors re-fitted after merging (see REFIT_FILENAME)"
+        default_factory=list,
+        description="tensors re-fitted after merging or by recovery ('router.weight': its router row; "
+        "see REFIT_FILENAME)",
     )
 
     @model_validator(mode="after")
@@ -84,6 +86,11 @@ class LayerPlan(BaseModel):
     )
     details: dict[str, Any] | None = Field(
         default=None, description="what the method did in this layer beyond the result (e.g. its search cost)"
+    )
+    recovery: dict[str, Any] | None = Field(
+        default=None,
+        description="the recover step's relative error of the routed output on the calibration tokens, "
+        "before and after (moeshrink.surgery.recover)",
     )
     _refit_tensors: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
 
@@ -140,6 +147,8 @@ class ModelPlan(BaseModel):
     source: dict[str, Any] = Field(default_factory=dict)
     calibration: dict[str, Any] | None = None
     sparsity: dict[str, Any] | None = None
+    # The recover step's settings and its mean error over the layers (per layer: LayerPlan.recovery).
+    recovery: dict[str, Any] | None = None
     versions: dict[str, str] = Field(default_factory=dict)
     layers: list[LayerPlan]
     # The checks made on the exported checkpoint (moeshrink.verify): check -> status, detail, differences.

@@ -19,12 +19,14 @@ from moeshrink.verify import TOLERANCE, verify_checkpoint  # noqa: E402
 KW = dict(keep=8, calib=corpus_dir() / "wiki" / "calib.jsonl", samples=8, seq_len=64, progress=False)
 
 
-@pytest.mark.parametrize("method", ["reap", "msmoe"])
+@pytest.mark.parametrize("method", ["reap", "msmoe", "reap+recover"])
 def test_job_verifies_its_output_in_vllm(method, tmp_path):
-    """REAP (a prune) and M-SMoE with its defaults (a merge with re-fitted experts, whose tensors used
-    to sit beside the weights and made vLLM refuse the folder)."""
+    """REAP (a prune), M-SMoE with its defaults (a merge with re-fitted experts, whose tensors used
+    to sit beside the weights and made vLLM refuse the folder) and REAP with the recover step (re-fitted
+    router rows and down projections in the weights)."""
     out = tmp_path / method
-    result = moeshrink.prune(testbed_dir(), method, output=out, verify=True, **KW)
+    name, _, recover = method.partition("+")
+    result = moeshrink.prune(testbed_dir(), name, output=out, verify=True, recover=bool(recover), **KW)
     checks = result.plan.verification
     assert checks["transformers"]["status"] == "pass", checks
     assert checks["vllm"]["status"] == "pass", checks

@@ -27,6 +27,7 @@ from moeshrink.engine.offload import LayerSource, ResidentLayers, SpilledBatches
 from moeshrink.engine.steps import LayerStep, LayerView, MeasureStep
 from moeshrink.errors import MoeShrinkError
 from moeshrink.runtime import compute_dtype
+from moeshrink.surgery.recover import snapshot
 
 
 @dataclass
@@ -246,10 +247,14 @@ def layer_pass(
         outputs = None  # the layer's outputs before any action changed it
         changed = False
         mine = [(n, a) for n, a in enumerate(actions) if a.visits(moe)]
+        original = None  # the MoE block before this pass changed it, for steps that compare with it
+        if moe is not None and any(a.step.needs_original and not a.measuring for _, a in mine):
+            original = snapshot(moe)
+        earlier: dict[str, object] = {}
         if wants_data and not error_propagation and mine and not mine[0][1].wants_data(decoder_layer, moe):
             outputs = run_layer(decoder_layer, hidden, kwargs)
         for n, action in mine:
-            view = LayerView(index, decoder_layer, moe)
+            view = LayerView(index, decoder_layer, moe, original=original, earlier=earlier)
             if wants_data and action.wants_data(decoder_layer, moe):
                 needs, linears = action.needs(moe), action.linears(decoder_layer, moe)
                 view.stats, view.linear_norms, observed = observe(
@@ -257,7 +262,7 @@ def layer_pass(
                 )
                 if not changed:
                     outputs = observed
-            results[n][index] = action(view)
+            results[n][index] = earlier[action.step.kind] = action(view)
             changed = changed or not action.measuring
         if wants_data and index < last:
             if outputs is None or (error_propagation and changed):

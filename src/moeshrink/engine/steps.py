@@ -10,7 +10,8 @@ steps are never changed in place). Global budgets, OWL's layer ratios and STUN's
 are such passes.
 
 The steps here: :class:`ExpertsStep` (an expert-level method and its budget), :class:`TopKStep`
-(active experts per token) and :class:`SparsifyStep` (zeros inside experts and other linears).
+(active experts per token), :class:`RecoverStep` (re-fit router rows and down projections after an
+expert-level method) and :class:`SparsifyStep` (zeros inside experts and other linears).
 A new kind of step subclasses :class:`LayerStep` and is listed in ``moeshrink.job``.
 """
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from moeshrink.arch import FamilyAdapter, MoELayer
-from moeshrink.engine.observers import LayerStats
+from moeshrink.engine.observers import INPUTS, LayerStats
 from moeshrink.methods import ExpertMethod, LayerBudget
 from moeshrink.sparsity.layer import (
     SparsitySpec,
@@ -38,6 +39,7 @@ from moeshrink.sparsity.layer import (
 )
 from moeshrink.sparsity.masks import owl_ratios
 from moeshrink.surgery import set_top_k
+from moeshrink.surgery.recover import Recovered, recover_layer
 
 
 @dataclass
@@ -50,6 +52,10 @@ class LayerView:
     moe: MoELayer | None
     stats: LayerStats | None = None
     linear_norms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # A copy of the MoE block as it was before any step of this pass changed it (for steps with
+    # ``needs_original``), and what the earlier steps of this pass did to this layer, by kind.
+    original: MoELayer | None = None
+    earlier: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,8 @@ class LayerStep(ABC):
     kind: ClassVar[str]
     # Decoder layers without routed experts are visited too.
     visits_dense: ClassVar[bool] = False
+    # The runner copies each MoE block before the first step of the pass changes it (``view.original``).
+    needs_original: ClassVar[bool] = False
 
     @property
     def needs(self) -> frozenset[str]:
@@ -147,6 +155,37 @@ class TopKStep(LayerStep):
 
     def apply(self, view: LayerView) -> None:
         set_top_k(view.moe, self.top_k)
+
+
+@dataclass(frozen=True)
+class RecoverStep(LayerStep):
+    """After an expert-level method in the same pass: re-fit the kept experts' router rows and down
+    projections so the layer's routed output matches the original layer's on the calibration tokens
+    (:mod:`moeshrink.surgery.recover`). ``ridge`` pulls each fit towards the weights it starts from."""
+
+    kind: ClassVar[str] = "recover"
+    needs_original: ClassVar[bool] = True
+    ridge: float
+    router: bool = True
+    down: bool = True
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({INPUTS})
+
+    def apply(self, view: LayerView) -> Recovered:
+        plan = view.earlier.get("experts")
+        if plan is None or view.original is None:
+            raise AssertionError("a recover step runs in the same pass as an experts step, after it")
+        return recover_layer(
+            view.original,
+            view.moe,
+            plan,
+            view.stats.inputs,
+            ridge=self.ridge,
+            router=self.router,
+            down=self.down,
+        )
 
 
 @dataclass(frozen=True)

@@ -309,10 +309,10 @@ def load_model(
     saved with its exact router transfer routes by it unless ``exact_router`` is False (then by the
     folded rows in its standard weights, as transformers and vLLM do)."""
     path = resolve_checkpoint(path)
-    if read_quantization(path) is not None:  # block-FP8 (any other scheme is refused there)
-        from moeshrink.quant.source import load_block_fp8_model  # it builds on this module
+    if read_quantization(path) is not None:  # block-FP8, compressed-tensors (others are refused there)
+        from moeshrink.quant.source import load_quantized_model  # it builds on this module
 
-        return load_block_fp8_model(path, dtype, tokenizer)
+        return load_quantized_model(path, dtype, tokenizer)
     _, adapter = load_config(path)
     for file in weight_files(path):
         check_safetensors_file(file)

@@ -7,8 +7,10 @@ else a ``quantization_config.json`` beside it; the stand-alone files other tools
 ModelOpt) are recognised too, so that their checkpoints are refused by name.
 
 Supported: block-wise FP8 as DeepSeek-V3 and the Qwen3 FP8 releases store it
-(:class:`BlockFP8Scheme`, :mod:`moeshrink.quant.fp8`). Every other scheme is refused in one line
-naming it and what to do.
+(:class:`BlockFP8Scheme`, :mod:`moeshrink.quant.fp8`), and compressed-tensors as llm-compressor writes
+it in the ``float-quantized`` (FP8), ``int-quantized`` (INT8 W8A8), ``naive-quantized`` and
+``pack-quantized`` (INT4/INT8 packed into int32, W4A16) formats (:class:`CompressedTensorsScheme`,
+:mod:`moeshrink.quant.ctensors`). Every other scheme is refused in one line naming it and what to do.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ _ADVICE = {
     "quantize the output",
     "mxfp4": "dequantize it first (transformers: Mxfp4Config(dequantize=True), then save_pretrained)",
     "modelopt": "dequantize it first with NVIDIA ModelOpt, or prune the dense checkpoint it was made from",
-    "compressed-tensors": "decompress it first (llm-compressor / compressed-tensors) or prune the dense "
-    "checkpoint it was made from; compressed-tensors input is planned (issue #15)",
+    "compressed-tensors": "decompress it first (compressed-tensors' ModelCompressor, or transformers with "
+    "CompressedTensorsConfig(run_compressed=False) then save_pretrained) or prune the dense checkpoint it was "
+    "made from",
 }
 _DEFAULT_ADVICE = "dequantize it first with the tool that made it, and prune the dense checkpoint"
 
@@ -68,6 +71,67 @@ class BlockFP8Scheme:
         }
 
 
+# compressed-tensors formats whose tensors moeshrink reads (compressed_tensors.config.CompressionFormat)
+CT_FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized")
+CT_STRATEGIES = ("tensor", "channel", "group", "block")
+
+
+@dataclass(frozen=True)
+class WeightGroup:
+    """One ``config_groups`` entry of a compressed-tensors config: which modules (``targets``: names,
+    ``re:`` regexes or class names such as ``Linear``) hold weights in which format and layout."""
+
+    targets: tuple[str, ...]
+    format: str
+    type: str  # "float" or "int"
+    num_bits: int
+    strategy: str  # tensor, channel, group or block
+    symmetric: bool = True
+    group_size: int | None = None
+    block: tuple[int, int] | None = None
+    actorder: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """What the plan records of the group."""
+        out: dict[str, Any] = {"format": self.format, "weights": f"{self.type}{self.num_bits}"}
+        out["strategy"] = self.strategy
+        if self.group_size:
+            out["group_size"] = self.group_size
+        if self.block:
+            out["block_structure"] = list(self.block)
+        if not self.symmetric:
+            out["symmetric"] = False
+        return out
+
+
+@dataclass(frozen=True)
+class CompressedTensorsScheme:
+    """compressed-tensors (``quant_method: compressed-tensors``), as llm-compressor writes it: per
+    quantized Linear ``X``, ``X.weight`` (float8 or int8) or ``X.weight_packed`` (int32) with
+    ``X.weight_shape``, ``X.weight_scale``, ``X.weight_zero_point`` when asymmetric; ``ignore`` lists
+    the modules left unquantized (routers, LM head)."""
+
+    groups: dict[str, WeightGroup]
+    config: dict[str, Any]
+    origin: str = "config.json"
+    ignored: tuple[str, ...] = field(default_factory=tuple)
+
+    name = "compressed-tensors"
+
+    def describe(self) -> dict[str, Any]:
+        """What the plan records of the scheme."""
+        return {
+            "scheme": self.name,
+            "quant_method": self.config.get("quant_method"),
+            "format": self.config.get("format"),
+            "groups": {name: g.describe() for name, g in self.groups.items()},
+            "config_file": self.origin,
+        }
+
+
+QuantScheme = BlockFP8Scheme | CompressedTensorsScheme
+
+
 def _read_json(file: Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
@@ -92,7 +156,95 @@ def _scheme_name(config: dict[str, Any], origin: str) -> str:
     return str(method or "unknown").lower()
 
 
-def read_quantization(path: Path) -> BlockFP8Scheme | None:
+def _ct_refuse(path: Path, where: str, what: str) -> MoeShrinkError:
+    return MoeShrinkError(
+        f"{path} is a compressed-tensors checkpoint with {what} ({where}): moeshrink prunes compressed-tensors "
+        f"{', '.join(CT_FORMATS)} weights (FP8, INT8, packed INT4/INT8) only; {_ADVICE['compressed-tensors']}"
+    )
+
+
+def weight_group(path: Path, where: str, name: str, group: Any, default_format: Any) -> WeightGroup:
+    """One config group, checked: a supported format, weights of a supported type and layout."""
+    if not isinstance(group, dict):
+        raise _ct_refuse(path, where, f"config group {name!r} that is not an object")
+    fmt = group.get("format") or default_format
+    if fmt not in CT_FORMATS:
+        raise _ct_refuse(path, where, f"format {fmt!r} (config group {name!r})")
+    weights = group.get("weights")
+    if not isinstance(weights, dict):
+        raise _ct_refuse(path, where, f"config group {name!r} without weight quantization")
+    kind, bits = weights.get("type"), weights.get("num_bits")
+    strategy, actorder = weights.get("strategy"), weights.get("actorder")
+    packed = fmt == "pack-quantized"
+    if not (
+        (kind == "float" and bits == 8 and not packed)
+        or (kind == "int" and bits == 8 and not packed and fmt != "float-quantized")
+        or (kind == "int" and isinstance(bits, int) and 1 <= bits <= 8 and packed)
+    ):
+        raise _ct_refuse(path, where, f"{kind}{bits} weights in format {fmt!r} (config group {name!r})")
+    if packed and 32 % bits:  # compressed-tensors 0.19 packs these densely across int32s, 0.17 did not
+        raise _ct_refuse(
+            path, where, f"{bits}-bit packed weights (their int32 packing changed in compressed-tensors 0.19)"
+        )
+    if (
+        strategy not in CT_STRATEGIES
+        or weights.get("dynamic")
+        or actorder not in (None, "group", "weight", "static")
+    ):
+        raise _ct_refuse(path, where, f"weight strategy {strategy!r} (config group {name!r})")
+    activations = group.get("input_activations")
+    if isinstance(activations, dict) and (activations.get("num_bits") or 8) < 8:
+        raise _ct_refuse(
+            path, where, f"{activations.get('num_bits')}-bit activations (config group {name!r})"
+        )
+    size, block = weights.get("group_size"), weights.get("block_structure")
+    if strategy == "group" and not (isinstance(size, int) and size > 0):
+        raise _ct_refuse(path, where, f"group strategy without a group_size (config group {name!r})")
+    if strategy == "block" and not (
+        isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
+    ):
+        raise _ct_refuse(path, where, f"block strategy without a block_structure (config group {name!r})")
+    targets = group.get("targets")
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        raise _ct_refuse(path, where, f"config group {name!r} without a list of targets")
+    return WeightGroup(
+        targets=tuple(targets),
+        format=str(fmt),
+        type=str(kind),
+        num_bits=int(bits),
+        strategy=str(strategy),
+        symmetric=bool(weights.get("symmetric", True)),
+        group_size=int(size) if strategy == "group" else None,
+        block=(block[0], block[1]) if strategy == "block" else None,
+        actorder=actorder,
+    )
+
+
+def _compressed_tensors(
+    path: Path, config: dict[str, Any], origin: str, where: str
+) -> CompressedTensorsScheme:
+    """A compressed-tensors config, checked: compressed weights of a supported format in every group; no
+    sparsity compressor or transform."""
+    fmt = config.get("format")
+    if fmt not in (*CT_FORMATS, "mixed-precision", None):
+        raise _ct_refuse(path, where, f"format {fmt!r}")
+    status = config.get("quantization_status")
+    if status not in (None, "compressed"):
+        raise _ct_refuse(path, where, f"quantization_status {status!r} (weights not stored compressed)")
+    sparsity = config.get("sparsity_config")
+    if isinstance(sparsity, dict) and sparsity and sparsity.get("format") not in (None, "dense"):
+        raise _ct_refuse(path, where, f"the sparsity compressor {sparsity.get('format')!r}")
+    if config.get("transform_config"):
+        raise _ct_refuse(path, where, "a transform_config (rotations)")
+    groups = config.get("config_groups")
+    if not (isinstance(groups, dict) and groups):
+        raise _ct_refuse(path, where, "no config_groups")
+    parsed = {name: weight_group(path, where, name, g, fmt) for name, g in groups.items()}
+    ignored = config.get("ignore") if isinstance(config.get("ignore"), list) else []
+    return CompressedTensorsScheme(groups=parsed, config=config, origin=origin, ignored=tuple(ignored))
+
+
+def read_quantization(path: Path) -> QuantScheme | None:
     """The checkpoint's quantization scheme (None: not quantized); any scheme moeshrink cannot
     work on is refused here with a one-line :class:`MoeShrinkError`."""
     raw = _read_json(path / "config.json")
@@ -110,6 +262,8 @@ def read_quantization(path: Path) -> BlockFP8Scheme | None:
         return None
     method = _scheme_name(config, origin)
     where = f"{path / origin}" + (" (quantization_config)" if origin == "config.json" else "")
+    if method in ("compressed-tensors", "compressed_tensors"):
+        return _compressed_tensors(path, config, origin, where)
     if method != "fp8":
         scheme = {"compressed_tensors": "compressed-tensors"}.get(method, method)
         variant = config.get("quant_algo") or (
@@ -118,7 +272,8 @@ def read_quantization(path: Path) -> BlockFP8Scheme | None:
         detail = f" ({variant})" if variant else ""
         raise MoeShrinkError(
             f"{path} is a {scheme}{detail} quantized checkpoint ({where}): moeshrink prunes block-FP8 "
-            f"(quant_method fp8 with weight_block_size) and unquantized checkpoints only; "
+            f"(quant_method fp8 with weight_block_size), compressed-tensors (FP8, INT8, packed INT4) and "
+            f"unquantized checkpoints only; "
             f"{_ADVICE.get(scheme, _DEFAULT_ADVICE)}"
         )
     block = config.get("weight_block_size")
@@ -160,9 +315,16 @@ def card_lines(quantization: dict[str, Any] | None) -> list[str]:
         return []
     before, after = quantization.get("tensor_bytes_before"), quantization.get("tensor_bytes_after")
     sizes = f" Tensor bytes on disk: {before:,} before, {after:,} after." if before and after else ""
+    if quantization.get("weight_block_size"):
+        detail = f"weight_block_size {quantization.get('weight_block_size')}"
+    else:
+        detail = ", ".join(
+            f"{name}: {g.get('format')} {g.get('weights')} {g.get('strategy')}"
+            for name, g in (quantization.get("groups") or {}).items()
+        )
     return [
-        f"Quantization: {quantization.get('scheme')} (weight_block_size {quantization.get('weight_block_size')}), "
-        "kept as the input stores it: every tensor of a kept expert (float8 weights and their scales) is the "
+        f"Quantization: {quantization.get('scheme')} ({detail}), "
+        "kept as the input stores it: every tensor of a kept expert (quantized weights and their scales) is the "
         "input's bytes, unchanged, and the router rows are the input's rows; the bytes row above counts the "
         f"model dequantized as it was computed.{sizes} (`moeshrink apply` does not re-apply a plan to a "
         "quantized checkpoint yet: prune the original again with the same options.)",
@@ -170,4 +332,15 @@ def card_lines(quantization: dict[str, Any] | None) -> list[str]:
     ]
 
 
-__all__ = ["IGNORE_KEYS", "BlockFP8Scheme", "card_lines", "read_quantization", "refuse_quantized"]
+__all__ = [
+    "CT_FORMATS",
+    "IGNORE_KEYS",
+    "BlockFP8Scheme",
+    "CompressedTensorsScheme",
+    "QuantScheme",
+    "WeightGroup",
+    "weight_group",
+    "card_lines",
+    "read_quantization",
+    "refuse_quantized",
+]

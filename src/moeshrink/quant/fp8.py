@@ -38,7 +38,7 @@ def scale_shape(shape: tuple[int, ...] | list[int], block: tuple[int, int]) -> t
     return (*lead, math.ceil(rows / block[0]), math.ceil(cols / block[1]))
 
 
-def _expand(scale: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
+def expand_blocks(scale: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
     return scale.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[
         ..., :cols
     ]
@@ -49,7 +49,7 @@ def dequantize(
 ) -> torch.Tensor:
     """The real weight in ``dtype``: computed in float32, rounded to ``dtype`` once."""
     rows, cols = weight.shape[-2:]
-    return (weight.float() * _expand(scale_inv.float(), rows, cols, block)).to(dtype)
+    return (weight.float() * expand_blocks(scale_inv.float(), rows, cols, block)).to(dtype)
 
 
 def quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +66,9 @@ def quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor
         .amax(dim=(-3, -1))
     )
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    quantized = (weight.float() / _expand(scale, rows, cols, block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    quantized = (
+        (weight.float() / expand_blocks(scale, rows, cols, block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    )
     return quantized.contiguous(), scale.contiguous()
 
 
@@ -141,6 +143,15 @@ class BlockFP8Checkpoint:
             )
         return cls(scheme=scheme, scales=scales, tensors=tensors)
 
+    @property
+    def quantized_modules(self) -> set[str]:
+        """Names of the modules stored quantized."""
+        return {name.removesuffix(".weight") for name in self.scales}
+
+    def parameter_count(self, state: dict[str, torch.Tensor]) -> int:
+        """How many weights of the dense model ``state`` stores (scales count 0)."""
+        return sum(t.numel() for name, t in state.items() if not name.endswith(SCALE_SUFFIX))
+
     def dequantize_state(
         self, state: dict[str, torch.Tensor], storage: torch.dtype, dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
@@ -169,6 +180,7 @@ def unexpected_fp8(path: Path, files: list[Path]) -> str | None:
 
 __all__ = [
     "FP8_DTYPE",
+    "expand_blocks",
     "SCALE_SUFFIX",
     "BlockFP8Checkpoint",
     "dequantize",

@@ -1,13 +1,15 @@
-"""A block-FP8 checkpoint as a layer source, and its pruned output written bit-exact.
+"""A quantized checkpoint (block-FP8 or compressed-tensors) as a layer source, and its pruned output
+written bit-exact.
 
-:class:`BlockFP8Layers` reads one decoder layer at a time from the shards and dequantizes its FP8
-weights into the compute dtype (the model is never dequantized whole): streamed (each layer freed
+:class:`QuantizedLayers` reads one decoder layer at a time from the shards and dequantizes its
+quantized weights into the compute dtype (the model is never dequantized whole): streamed (each layer freed
 after use, peak memory one layer) or resident (the dequantized layers kept, e.g. to compare the
 output with). Its :meth:`~BlockFP8Layers.commit` writes the output from the *input's* tensors, not
-the dequantized ones: every tensor of a kept expert (FP8 weight and scale) and every other tensor
-is copied byte for byte, experts renumbered; router rows are the plan's rows of the stored router
-(an exact copy for pruning); the quantization config is written back with expert names in its
-ignore list renumbered. A plan whose new experts are not plain copies (a merge) is refused.
+the dequantized ones: every tensor of a kept expert (quantized weight, scale, zero point,
+activation scale) and every other tensor is copied byte for byte, experts renumbered; router rows are
+the plan's rows of the stored router (an exact copy for pruning; a quantized router is refused); the
+quantization config is written back with expert names in its ignore list (and compressed-tensors'
+config group targets) renumbered. A plan whose new experts are not plain copies (a merge) is refused.
 """
 
 from __future__ import annotations
@@ -39,11 +41,14 @@ from moeshrink.io.streaming import ShardReader, ShardWriter, StreamedLayers
 from moeshrink.methods import ExpertMethod
 from moeshrink.methods.merging import MergeMethod
 from moeshrink.plan import LayerPlan, ModelPlan, NewExpert
-from moeshrink.quant import IGNORE_KEYS, BlockFP8Scheme, read_quantization
-from moeshrink.quant.fp8 import SCALE_SUFFIX, BlockFP8Checkpoint
+from moeshrink.quant import IGNORE_KEYS, CompressedTensorsScheme, QuantScheme, read_quantization
+from moeshrink.quant.ctensors import CompressedTensorsCheckpoint
+from moeshrink.quant.fp8 import BlockFP8Checkpoint
 from moeshrink.serving import serving_architectures
 from moeshrink.surgery import set_top_k
 from moeshrink.surgery.apply import TOP_K_PER_LAYER_KEY
+
+QuantizedCheckpoint = BlockFP8Checkpoint | CompressedTensorsCheckpoint
 
 # A routed expert's on-disk tensor: "<block>.experts.<index>.<rest>" (shared experts do not match:
 # "shared_experts." has no dot before "experts").
@@ -69,7 +74,7 @@ def expert_map(plan: LayerPlan) -> dict[int, list[int]]:
         old = copied_source(expert)
         if old is None:
             raise MoeShrinkError(
-                f"layer {plan.layer}: new expert {new} merges experts {expert.sources}: a block-FP8 checkpoint "
+                f"layer {plan.layer}: new expert {new} merges experts {expert.sources}: a quantized checkpoint "
                 "is only pruned here (kept experts copied bit-exact); merging is not supported on it"
             )
         out.setdefault(old, []).append(new)
@@ -92,8 +97,8 @@ def renumber_ignored(names: list[str], plans: dict[int, LayerPlan]) -> list[str]
     return out
 
 
-class BlockFP8Layers(StreamedLayers):
-    """A block-FP8 checkpoint whose decoder layers are read and dequantized one at a time (a
+class QuantizedLayers(StreamedLayers):
+    """A quantized checkpoint whose decoder layers are read and dequantized one at a time (a
     :class:`~moeshrink.engine.offload.LayerSource`); ``resident`` keeps them once read."""
 
     def __init__(
@@ -102,7 +107,7 @@ class BlockFP8Layers(StreamedLayers):
         config: PretrainedConfig,
         adapter: FamilyAdapter,
         reader: ShardReader,
-        fp8: BlockFP8Checkpoint,
+        fp8: QuantizedCheckpoint,
         dtype: str | torch.dtype = "auto",
         *,
         resident: bool = False,
@@ -162,7 +167,7 @@ class BlockFP8Layers(StreamedLayers):
             state = self.reader.read(self.reader.by_layer.get(index, []))
             if index in plans:
                 state = self._prune_layer(index, plans[index], state)
-            parameters += sum(t.numel() for k, t in state.items() if not k.endswith(SCALE_SUFFIX))
+            parameters += self.fp8.parameter_count(state)
             writer.write(state)
         writer.finish(parameters)
 
@@ -176,7 +181,7 @@ class BlockFP8Layers(StreamedLayers):
             raise MoeShrinkError(
                 f"{self.path}: layer {index} does not store one tensor set per expert 0..{num_experts - 1} (found "
                 f"{sorted(found)[:4]}{'...' if len(found) > 4 else ''}): fused or missing expert tensors are not "
-                "supported in a block-FP8 checkpoint"
+                f"supported in a {self.fp8.scheme.name} checkpoint"
             )
         heads = {m["head"] for m in experts.values()}
         routers = [
@@ -188,11 +193,19 @@ class BlockFP8Layers(StreamedLayers):
             and len(shape) >= 1
             and shape[0] == num_experts
         ]
+        quantized = self.fp8.quantized_modules
+        for name in routers:
+            if name.rpartition(".")[0] in quantized:
+                raise MoeShrinkError(
+                    f"{self.path}: layer {index}'s router {name.rpartition('.')[0]} is stored quantized: moeshrink "
+                    "slices router rows in the unquantized router only (llm-compressor's MoE recipes leave it out: "
+                    "add it to the ignore list when quantizing), or dequantize the checkpoint first"
+                )
         moe = self.adapter.moe_layer(self.layers[index], index)
         if moe is None or len(routers) != len(moe.router_tensors()):
             raise MoeShrinkError(
                 f"{self.path}: could not find layer {index}'s router on disk (found {routers}): this checkpoint's "
-                "layout is not one moeshrink can prune in block-FP8"
+                f"layout is not one moeshrink can prune in {self.fp8.scheme.name}"
             )
         return experts, routers
 
@@ -261,11 +274,16 @@ class BlockFP8Layers(StreamedLayers):
             written["dtype"] = stored
             if "torch_dtype" in source_raw:
                 written["torch_dtype"] = stored
-        scheme: BlockFP8Scheme = self.fp8.scheme
+        scheme: QuantScheme = self.fp8.scheme
         quant = dict(scheme.config)
         for key in IGNORE_KEYS:
             if isinstance(quant.get(key), list):
                 quant[key] = renumber_ignored(quant[key], plans)
+        if isinstance(scheme, CompressedTensorsScheme):  # per-module targets of each config group too
+            quant["config_groups"] = {
+                name: dict(group, targets=renumber_ignored(group["targets"], plans))
+                for name, group in quant["config_groups"].items()
+            }
         if scheme.origin == "config.json":
             written.pop("compression_config", None)
             key = "quantization_config" if "quantization_config" in source_raw else "compression_config"
@@ -291,25 +309,27 @@ def router_rows(tensor: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
     return (mix @ flat).reshape(len(plan.experts), *tensor.shape[1:]).to(tensor.dtype).contiguous()
 
 
-def open_block_fp8(path: Path, scheme: BlockFP8Scheme, reader: ShardReader) -> BlockFP8Checkpoint:
-    """The checkpoint's FP8 tensors, checked (headers only)."""
+def open_quantized(path: Path, scheme: QuantScheme, reader: ShardReader) -> QuantizedCheckpoint:
+    """The checkpoint's quantized tensors, checked against its scheme (headers only)."""
+    if isinstance(scheme, CompressedTensorsScheme):
+        return CompressedTensorsCheckpoint.scan(path, reader.files, scheme)
     return BlockFP8Checkpoint.scan(path, reader.files, scheme)
 
 
-def load_block_fp8_model(
+def load_quantized_model(
     path: str | Path, dtype: str = "auto", tokenizer: object | None = None
 ) -> LoadedModel:
-    """Load a block-FP8 checkpoint dequantized into ``dtype`` (one layer dequantized at a time, all
+    """Load a quantized checkpoint dequantized into ``dtype`` (one layer dequantized at a time, all
     kept), as :func:`moeshrink.io.checkpoint.load_model` does for unquantized ones."""
     path = resolve_checkpoint(path)
     scheme = read_quantization(path)
     if scheme is None:
-        raise MoeShrinkError(f"{path} is not a block-FP8 checkpoint")
+        raise MoeShrinkError(f"{path} is not a quantized checkpoint")
     config, adapter = load_config(path)
     reader = ShardReader(path)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    source = BlockFP8Layers(
-        path, config, adapter, reader, open_block_fp8(path, scheme, reader), torch_dtype, resident=True
+    source = QuantizedLayers(
+        path, config, adapter, reader, open_quantized(path, scheme, reader), torch_dtype, resident=True
     )
     source.load_all()
     model = source.model
@@ -322,9 +342,9 @@ def load_block_fp8_model(
     return LoadedModel(model=model, adapter=adapter, path=path, tokenizer=tokenizer or load_tokenizer(path))
 
 
-def check_block_fp8_job(
+def check_quantized_job(
     path: Path,
-    scheme: BlockFP8Scheme,
+    scheme: QuantScheme,
     reader: ShardReader,
     *,
     method: ExpertMethod,
@@ -332,13 +352,13 @@ def check_block_fp8_job(
     stream: bool | None,
     output: str | Path | None,
     world_size: int = 1,
-) -> tuple[BlockFP8Checkpoint, bool]:
-    """The job's checks for a block-FP8 input (scales against weights, headers only) and whether it is
+) -> tuple[QuantizedCheckpoint, bool]:
+    """The job's checks for a quantized input (scales against weights, headers only) and whether it is
     streamed: by default whenever an output is written (one dequantized layer in memory), resident
     with ``--no-stream`` or without an output (the whole model dequantized, e.g. for the Python API)."""
     if sparsifies:
         raise MoeShrinkError(
-            f"{path} is block-FP8: sparsity inside its experts would change quantized weights, which moeshrink "
+            f"{path} is {scheme.name}: sparsity inside its experts would change quantized weights, which moeshrink "
             "does not re-quantize yet; prune experts only (kept experts are copied bit-exact), or dequantize "
             "the checkpoint first"
         )
@@ -346,22 +366,28 @@ def check_block_fp8_job(
     representative = getattr(settings, "mode", None) == "representative"
     if isinstance(method, MergeMethod) and (not representative or getattr(settings, "reconstruct", False)):
         raise MoeShrinkError(
-            f"{path} is block-FP8: method '{method.name}' merges experts (or re-fits them), which would need "
+            f"{path} is {scheme.name}: method '{method.name}' merges experts (or re-fits them), which would need "
             "dequantize -> merge -> re-quantize, not supported yet; use a pruning method (frequency, reap, ean, "
             "soft_activation, naee, random, or stun with --option mode=representative), or dequantize the "
             "checkpoint first"
         )
-    fp8 = open_block_fp8(path, scheme, reader)
+    fp8 = open_quantized(path, scheme, reader)
     if stream is None:
         stream = output is not None and world_size == 1
     return fp8, bool(stream)
 
 
+# The block-FP8 names this module had first.
+BlockFP8Layers = QuantizedLayers
+open_block_fp8 = open_quantized
+
 __all__ = [
     "BlockFP8Layers",
-    "check_block_fp8_job",
+    "QuantizedLayers",
+    "check_quantized_job",
     "copied_source",
-    "load_block_fp8_model",
+    "load_quantized_model",
     "open_block_fp8",
+    "open_quantized",
     "renumber_ignored",
 ]

@@ -65,6 +65,7 @@ def model_card(
             f"sha256 of the token ids `{calib.get('sha256', '')[:16]}...`.",
             "",
         ]
+    lines += recovery_lines(plan)
     lines += [
         "Which old experts make each new one is in "
         f"[`{PLAN_FILENAME}`]({PLAN_FILENAME}); "
@@ -87,6 +88,29 @@ def model_card(
         "",
     ]
     return str(ModelCard(f"---\n{card_data(plan).to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def recovery_lines(plan: ModelPlan) -> list[str]:
+    """What the recover step did: its settings and each layer's error before and after."""
+    if not plan.recovery:
+        return []
+    r = plan.recovery
+    parts = [p for p, on in (("router rows", r.get("router")), ("down projections", r.get("down"))) if on]
+    rows = [
+        f"| {lp.layer} | {lp.recovery['before']:.4f} | {lp.recovery['after']:.4f} | {lp.recovery.get('router', '')} |"
+        for lp in plan.layers
+        if lp.recovery
+    ]
+    return [
+        f"Recovery: the kept experts' {' and '.join(parts)} re-fitted by ridge least squares (ridge "
+        f"{r['ridge']:g}) so each layer's routed output matches the original's on the calibration tokens. "
+        "Relative error of that output (sum of squared differences over sum of squares), per layer:",
+        "",
+        "| layer | before | after | router |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def source_name(plan: ModelPlan) -> str:

@@ -1,14 +1,21 @@
 """EEP: gradient-free evolutionary search of which experts to keep and how to merge the rest.
 
 A candidate gives each MoE layer a merge matrix ``M [K, E]`` and a router transfer ``T [K, E]``
-(:mod:`moeshrink.search.fitness`). Two stages, each a population with elitism scored on a task by
-inference only:
+(:mod:`moeshrink.search.fitness`). Two stages, each a population with elitism scored by inference
+only, on plain text (next-token loss; each generation's leader also scored on held-out windows of the
+same text, which pick the best candidate and end a stage that stops improving) or on a task:
 
 1. **prune**: one-hot rows (``T = M``): which K experts each layer keeps. Starts from the most used
    experts plus random subsets; children take each layer's subset from one of two tournament-chosen
    parents, and a mutation swaps a kept expert for a dropped one.
 2. **merge**: continuous rows, starting from the best pruning: Gaussian mutation of a fraction of the
    entries of ``M`` (rows renormalised to sum to 1) and ``T`` (kept non-negative), row-wise crossover.
+
+With routing groups (DeepSeek) every operator stays within a group: each keeps ``keep / n_group``
+experts, swaps within the group, and merges only its own experts.
+
+A time budget covers the whole call: the clock is checked before every evaluation against a deadline
+that leaves the export its reserve, and the best candidate so far is exported when it comes.
 
 The search is seeded (every generation draws from its own generator, so a resumed search continues
 exactly) and writes its state after every generation to ``state_dir``. With torch.distributed
@@ -28,7 +35,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +45,7 @@ from tqdm.auto import tqdm
 
 from moeshrink.arch import GroupedFamilyAdapter
 from moeshrink.engine import distributed
+from moeshrink.engine.data import check_calibration_files
 from moeshrink.engine.observers import COUNTS
 from moeshrink.engine.runner import collect_layer_stats
 from moeshrink.errors import MoeShrinkError
@@ -58,12 +66,13 @@ from moeshrink.search.fitness import (
     TaskFitness,
     WorkingCopy,
     build_task_data,
+    build_text_split,
     one_hot_rows,
     read_items,
     resolve_task,
 )
 from moeshrink.surgery import apply_model_plan
-from moeshrink.surgery.router_transfer import TRANSFER_FILENAME, transfer_state
+from moeshrink.surgery.router_transfer import TRANSFER_FILENAME, group_blocks, transfer_state
 from moeshrink.verify import verify_before_commit
 
 STATE_FORMAT = "moeshrink-eep-state/1"
@@ -86,8 +95,11 @@ class EEPSettings:
     merge_scope: str = "all"  # merge stage: "all" entries move, or only "dropped" experts' columns
     seed: int = 0
     objective: str = "accuracy"
-    init: tuple[str, ...] = ("frequency",)  # scoring methods whose choice on the task text seeds the search
-    time_budget: float | None = None  # seconds for the whole search (checked after each generation)
+    init: tuple[str, ...] = ("frequency", "reap")  # scoring methods whose choice on the data seeds the search
+    time_budget: float | None = None  # seconds for the whole call: seeding, search and export
+    # generations a stage goes on without a better held-out (selection) loss before it ends (plain text)
+    patience: int | None = None
+    groups: int = 1  # routing groups (DeepSeek): experts are kept, and merged, within their group
     # Mean active experts per token over the MoE layers: with it, each layer's top-k (1..top_k) is
     # searched too, the total fixed (e.g. 1.5 with top-2: half the layers route to one expert).
     active_experts: float | None = None
@@ -114,6 +126,12 @@ class EEPSettings:
             )
         if self.sigma <= 0 or not 0 < self.merge_rate <= 1 or not 0 <= self.swap_rate <= 1:
             raise MoeShrinkError("sigma must be > 0, merge-rate in (0, 1] and swap-rate in [0, 1]")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise MoeShrinkError(
+                f"--time-budget must be a positive number of seconds, got {self.time_budget}"
+            )
+        if self.patience is not None and self.patience < 1:
+            raise MoeShrinkError(f"--patience must be at least 1 generation, got {self.patience}")
 
 
 @dataclass
@@ -180,8 +198,13 @@ def _generator(seed: int, stage: str, generation: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + (0 if stage == "prune" else 500_000) + generation)
 
 
-def _random_subset(num_experts: int, keep: int, gen: torch.Generator) -> list[int]:
-    return sorted(torch.randperm(num_experts, generator=gen)[:keep].tolist())
+def _random_subset(num_experts: int, keep: int, gen: torch.Generator, groups: int = 1) -> list[int]:
+    """``keep`` experts at random, ``keep / groups`` from each contiguous routing group."""
+    size = num_experts // groups
+    kept = []
+    for g in range(groups):
+        kept.extend(g * size + j for j in torch.randperm(size, generator=gen)[: keep // groups].tolist())
+    return sorted(kept)
 
 
 def _spread_top_k(
@@ -233,9 +256,15 @@ def _prune_child(a: Candidate, b: Candidate, settings: EEPSettings, num_experts:
     for i in kept_a:
         chosen = list(kept_a[i] if torch.rand(1, generator=gen).item() < 0.5 else kept_b[i])
         if torch.rand(1, generator=gen).item() < settings.swap_rate:
-            dropped = [j for j in range(num_experts) if j not in chosen]
+            out = int(torch.randint(len(chosen), (1,), generator=gen))
+            size = num_experts // settings.groups  # swap within the routing group of the one swapped out
+            group = (
+                range(num_experts)
+                if settings.groups == 1
+                else range(chosen[out] // size * size, (chosen[out] // size + 1) * size)
+            )
+            dropped = [j for j in group if j not in chosen]
             if dropped:
-                out = int(torch.randint(len(chosen), (1,), generator=gen))
                 chosen[out] = dropped[int(torch.randint(len(dropped), (1,), generator=gen))]
         kept[i] = sorted(chosen)
     top_k = a.top_k if torch.rand(1, generator=gen).item() < 0.5 else b.top_k
@@ -252,12 +281,14 @@ def _mutate_merge(
     merge, transfer = {}, {}
     for i in sorted(c.merge):
         m, t = c.merge[i].clone(), c.transfer[i].clone()
-        allowed = torch.ones_like(m, dtype=torch.bool)
+        allowed = group_blocks(m.shape[1], m.shape[0], settings.groups)  # never across routing groups
         if settings.merge_scope == "dropped":
             allowed[:, anchors[i]] = False
             own = allowed.clone()
             own[torch.arange(len(anchors[i])), torch.tensor(anchors[i])] = True
-        for x, scope in ((m, own if settings.merge_scope == "dropped" else allowed), (t, allowed)):
+        else:
+            own = allowed
+        for x, scope in ((m, own), (t, allowed)):
             moved = torch.rand(x.shape, generator=gen, dtype=torch.float64) < settings.merge_rate
             x += (moved & scope) * torch.randn(x.shape, generator=gen, dtype=torch.float64) * settings.sigma
         total = m.sum(1, keepdim=True)
@@ -298,6 +329,8 @@ class SearchState:
     evaluations: int = 0
     seconds: float = 0.0
     seen: dict[str, dict] = field(default_factory=dict)  # prune-stage fitness by candidate signature
+    since_improved: int = 0  # generations of this stage without a better held-out loss (plain text)
+    stopped: str = ""  # why the last call ended before the iterations did ("time budget"), else ""
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -314,6 +347,7 @@ class SearchState:
             "evaluations": self.evaluations,
             "seconds": self.seconds,
             "seen": self.seen,
+            "since_improved": self.since_improved,
         }
         tmp = directory / (STATE_FILENAME + ".tmp")
         tmp.write_text(json.dumps(data))
@@ -343,30 +377,97 @@ class SearchState:
             evaluations=data["evaluations"],
             seconds=data["seconds"],
             seen=data["seen"],
+            since_improved=data.get("since_improved", 0),
         )
 
 
 # ----------------------------------------------------------------------------------------- search
 
 
-def _evaluate(population: list[Candidate], fitness: TaskFitness, top_k: int, state: SearchState) -> int:
-    """Score the unscored candidates; with torch.distributed each rank scores every world-th one."""
+@dataclass
+class Clock:
+    """The call's time budget as seen by the search: every evaluation must end by ``deadline``
+    (``time.perf_counter()`` seconds; None: no budget), which leaves the export its reserve.
+    ``per_evaluation`` is the longest evaluation so far (at first an estimate)."""
+
+    deadline: float | None = None
+    per_evaluation: float = 0.0
+    evaluated: int = 0  # evaluations this call
+
+    def allows(self) -> bool:
+        """Whether one more evaluation ends before the deadline (the call's first always runs: the
+        budget was checked against it before the search began)."""
+        if self.deadline is None or self.evaluated == 0:
+            return True
+        return time.perf_counter() + self.per_evaluation <= self.deadline
+
+    def agreed(self, allowed: bool) -> bool:
+        """``allowed`` on every rank (under torchrun the ranks must stop together)."""
+        if not distributed.is_active():
+            return allowed
+        votes: list[bool] = [True] * distributed.world_size()
+        dist.all_gather_object(votes, allowed)
+        return all(votes)
+
+    def timed(self, evaluate: Any) -> Any:
+        start = time.perf_counter()
+        out = evaluate()
+        self.per_evaluation = max(self.per_evaluation, time.perf_counter() - start)
+        self.evaluated += 1
+        return out
+
+
+def _evaluate(
+    population: list[Candidate], fitness: TaskFitness, top_k: int, state: SearchState, clock: Clock
+) -> tuple[int, bool]:
+    """Score the unscored candidates; with torch.distributed each rank scores every world-th one.
+    Returns the evaluations made and whether the time budget stopped them (the candidates left then
+    keep ``fitness`` None)."""
     todo = [n for n, c in enumerate(population) if c.fitness is None and c.signature() not in state.seen]
-    mine = {}
+    mine: dict[int, dict] = {}
+    out_of_time = False
     for position, n in enumerate(todo):
         if position % distributed.world_size() == distributed.rank():
+            if not clock.allows():
+                out_of_time = True
+                break
             c = population[n]
-            mine[n] = fitness.evaluate(c.merge, c.transfer, c.routing(top_k)).to_dict()
+            mine[n] = clock.timed(
+                lambda c=c: fitness.evaluate(c.merge, c.transfer, c.routing(top_k))
+            ).to_dict()
     if distributed.is_active():
-        parts: list[dict] = [{} for _ in range(distributed.world_size())]
-        dist.all_gather_object(parts, mine)
-        mine = {n: f for part in parts for n, f in part.items()}
+        parts: list[tuple[dict, bool]] = [({}, False) for _ in range(distributed.world_size())]
+        dist.all_gather_object(parts, (mine, out_of_time))
+        mine = {n: f for part, _ in parts for n, f in part.items()}
+        out_of_time = any(stopped for _, stopped in parts)
     for n, c in enumerate(population):
         if c.fitness is None:
-            c.fitness = Fitness(**(mine[n] if n in mine else state.seen[c.signature()]))
+            if n in mine:
+                c.fitness = Fitness(**mine[n])
+            elif c.signature() in state.seen:
+                c.fitness = Fitness(**state.seen[c.signature()])
+            else:
+                continue  # not scored: the time budget ran out first
             if state.stage == "prune":
                 state.seen[c.signature()] = c.fitness.to_dict()
-    return len(todo)
+    return len(mine), out_of_time
+
+
+def _select(
+    candidate: Candidate, selection: TaskFitness | None, top_k: int, state: SearchState, clock: Clock
+) -> bool:
+    """Score ``candidate`` on the held-out selection text (once); False when the budget has no time left."""
+    if selection is None or candidate.fitness.selection is not None:
+        return True
+    if not clock.agreed(clock.allows()):
+        return False
+    c = candidate
+    scored = clock.timed(lambda: selection.evaluate(c.merge, c.transfer, c.routing(top_k)))
+    c.fitness = replace(c.fitness, selection=scored.nll)
+    state.evaluations += 1
+    if state.stage == "prune":
+        state.seen[c.signature()] = c.fitness.to_dict()
+    return True
 
 
 def run_search(
@@ -379,15 +480,23 @@ def run_search(
     state_dir: Path | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    selection: TaskFitness | None = None,
+    clock: Clock | None = None,
 ) -> SearchState:
-    """Run (or continue) the two stages until their iterations or the time budget are spent.
+    """Run (or continue) the two stages until their iterations are spent, a stage's held-out loss
+    stops improving (``settings.patience``) or the clock's deadline comes.
 
-    ``initial`` seeds the prune population (e.g. the most used experts per layer; the rest is random). ``stop_after``
-    ends this call after that many generations (the state stays resumable)."""
+    ``initial`` seeds the prune population (e.g. the most used experts per layer; the rest is random).
+    With ``selection`` (held-out text) each generation's leader is also scored there, and that score
+    picks the best candidate and drives early stopping. ``stop_after`` ends this call after that many
+    generations (the state stays resumable). When the deadline comes inside a generation, the state
+    stays as the last complete generation left it (a resumed call with more time goes on from there)."""
+    clock = clock or Clock()
     total = settings.prune_iterations + settings.merge_iterations
     done_before = state.generation + (settings.prune_iterations if state.stage == "merge" else 0)
     bar = tqdm(total=total, initial=done_before, desc="eep", unit="gen", disable=not progress)
     generations = 0
+    state.stopped = ""
     while state.stage != "done":
         if stop_after is not None and generations >= stop_after:
             break
@@ -395,16 +504,27 @@ def run_search(
         gen = _generator(settings.seed, state.stage, state.generation)
         if not state.population:
             state.population = _initial_population(state, settings, initial, num_experts, gen)
-        evaluated = _evaluate(state.population, fitness, settings.top_k, state)
-        state.population.sort(key=lambda c: -c.fitness.value)  # stable: ties keep their order
-        leader = state.population[0]
-        if state.best is None or leader.fitness.value > state.best.fitness.value:
-            state.best = leader
-        if state.stage == "prune" and (
-            state.best_prune is None or leader.fitness.value > state.best_prune.fitness.value
-        ):
-            state.best_prune = leader
+        evaluated, out_of_time = _evaluate(state.population, fitness, settings.top_k, state, clock)
         state.evaluations += evaluated
+        ranked = sorted(
+            (c for c in state.population if c.fitness is not None), key=lambda c: -c.fitness.value
+        )
+        leader = ranked[0] if ranked else None
+        if out_of_time or leader is None or not _select(leader, selection, settings.top_k, state, clock):
+            if state.best is None and leader is not None:  # nothing better to export than this
+                state.best = leader
+                state.best_prune = state.best_prune or leader
+            state.seconds += time.perf_counter() - start
+            state.stopped = "time budget"
+            break
+        state.population.sort(key=lambda c: -c.fitness.value)  # stable: ties keep their order
+        before = state.best_prune if state.stage == "prune" else state.best
+        improved = before is None or leader.fitness.chosen > before.fitness.chosen
+        if state.best is None or leader.fitness.chosen > state.best.fitness.chosen:
+            state.best = leader
+        if state.stage == "prune" and improved:
+            state.best_prune = leader
+        state.since_improved = 0 if improved else state.since_improved + 1
         state.seconds += time.perf_counter() - start
         state.history.append(
             {
@@ -417,17 +537,17 @@ def run_search(
         )
         state.generation += 1
         limit = settings.prune_iterations if state.stage == "prune" else settings.merge_iterations
-        out_of_time = settings.time_budget is not None and state.seconds >= settings.time_budget
-        if out_of_time:
-            state.stage = "done"
-        elif state.generation >= limit:
+        patience_over = settings.patience is not None and state.since_improved >= settings.patience
+        if state.generation >= limit or patience_over:
+            if patience_over:
+                state.history[-1]["early_stop"] = True
             state.stage = "merge" if state.stage == "prune" and settings.merge_iterations > 0 else "done"
-            state.generation, state.population = 0, []
+            state.generation, state.population, state.since_improved = 0, [], 0
         else:
             state.population = _next_population(state, settings, num_experts, gen)
         generations += 1
         bar.update(1)
-        bar.set_postfix(best=f"{state.best.fitness.accuracy:.3f}/{state.best.fitness.nll:.3f}")
+        bar.set_postfix_str(state.best.fitness.label())
         if state_dir is not None and distributed.rank() == 0:
             state.save(state_dir)
     bar.close()
@@ -449,7 +569,7 @@ def _initial_population(
         while len(population) < settings.population:
             population.append(
                 Candidate.pruning(
-                    {i: _random_subset(num_experts, settings.keep, gen) for i in initial[0]},
+                    {i: _random_subset(num_experts, settings.keep, gen, settings.groups) for i in initial[0]},
                     num_experts,
                     _spread_top_k(layers, settings, gen),
                 )
@@ -574,27 +694,37 @@ def _seeds(model, adapter, fitness: TaskFitness, settings: EEPSettings) -> list[
     needs = frozenset({COUNTS}).union(*(m.needs for m in methods))
     stats = collect_layer_stats(model, adapter, fitness.task_text(), needs, progress=False)
     layers = fitness.working.layers
-    return [{i: top_scores(m.score(layers[i], s), settings.keep) for i, s in stats.items()} for m in methods]
+    return [
+        {i: top_scores(m.score(layers[i], s), settings.keep, settings.groups) for i, s in stats.items()}
+        for m in methods
+    ]
 
 
-def _check_family(config, adapter) -> None:
-    if isinstance(adapter, GroupedFamilyAdapter) and GroupedFamilyAdapter.num_groups(config) > 1:
-        raise MoeShrinkError(
-            f"{adapter.model_type} routes within expert groups, which the EEP router transfer does not "
-            "model yet: use a pruning method (moeshrink prune --method reap)"
-        )
-    if getattr(config, "topk_method", None) == "noaux_tc" or adapter.model_type == "deepseek_v3":
-        raise MoeShrinkError(
-            "deepseek_v3 routes with a score-correction bias, which the EEP router transfer does not model "
-            "yet: use a pruning method (moeshrink prune --method reap)"
-        )
+# A fresh process that imports torch and transformers, for the output's verification (measured on a
+# 2-core machine: 8 s; the reserve takes twice that).
+VERIFY_STARTUP_SECONDS = 16.0
+
+
+def export_reserve(load_seconds: float, evaluation_seconds: float, verify: bool) -> float:
+    """Seconds to keep for the export out of a time budget: folding the router (at most one evaluation),
+    writing the weights (about what reading them took), and, when the output is verified, a fresh
+    process that loads them again."""
+    reserve = evaluation_seconds + load_seconds
+    if verify:
+        reserve += VERIFY_STARTUP_SECONDS + load_seconds
+    return reserve
 
 
 def search(
     model: str | Path,
-    task: str | Path,
+    task: str | Path | None = None,
     *,
     keep: int,
+    calib: Sequence[str | Path] | None = None,
+    samples: int = 8,
+    select_samples: int = 16,
+    seq_len: int = 256,
+    patience: int | None = 3,
     top_k: int | None = None,
     items: int = 100,
     population: int = 8,
@@ -607,7 +737,7 @@ def search(
     merge_scope: str = "all",
     seed: int = 0,
     objective: str = "accuracy",
-    init: Sequence[str] = ("frequency",),
+    init: Sequence[str] = ("frequency", "reap"),
     time_budget: float | None = None,
     state_dir: str | Path | None = None,
     output: str | Path | None = None,
@@ -620,22 +750,40 @@ def search(
     progress: bool = True,
     verify: bool | None = None,
     revision: str | None = None,
+    started: float | None = None,
 ) -> SearchResult:
-    """EEP on the checkpoint at ``model``: search with the first ``items`` items of ``task`` (a local
-    task name or multiple-choice JSONL) as fitness data, keep ``keep`` experts per MoE layer with
-    ``top_k`` active, and (with ``output``) export the best candidate with a standard router.
+    """EEP on the checkpoint at ``model``: keep ``keep`` experts per MoE layer with ``top_k`` active,
+    and (with ``output``) export the best candidate with a standard router.
 
+    Fitness data: plain text (``calib``: text / JSONL files; the fitness is the candidate model's mean
+    next-token loss on ``samples`` windows of ``seq_len`` tokens, and the best candidate is chosen, and
+    each stage stopped after ``patience`` generations without progress, by the loss on
+    ``select_samples`` held-out windows of the same text), or the first ``items`` items of ``task`` (a
+    local task name or multiple-choice JSONL; the fitness is ``objective``, no held-out selection).
+
+    ``time_budget`` bounds the whole call (loading, seeding, search and export): the search checks the
+    clock before every evaluation, keeps a reserve for the export, and exports the best candidate so
+    far when time runs out; a budget that cannot fit one evaluation is refused before the search.
     ``merge_iterations=0`` is the prune-only search. With ``state_dir`` the search resumes from the
     state it finds there. Under torchrun every rank scores its slice of each generation. With
     ``exact_router`` the export also carries the exact router transfer
     (:mod:`moeshrink.surgery.router_transfer`), which ``moeshrink.load_model`` and ``moeshrink eval``
-    route by; the standard weights keep the folded router for transformers and vLLM."""
+    route by; the standard weights keep the folded router for transformers and vLLM. DeepSeek's
+    grouped routing is searched within its groups: every group keeps ``keep / n_group`` experts and
+    merges only its own. ``started`` is the ``time.perf_counter()`` the budget counts from (default:
+    this call's start; the command line passes its own start, imports included)."""
+    started = time.perf_counter() if started is None else started
+    if (task is None) == (calib is None):
+        raise MoeShrinkError(
+            "give the search's data: --calib FILE... (plain text) or --task (multiple-choice items), not both"
+        )
     path, config, adapter = open_checkpoint(model, output, overwrite, revision)
     refuse_quantized(path, "moeshrink search")
-    _check_family(config, adapter)
     num_experts = adapter.num_experts(config)
     top_k = int(top_k or config.num_experts_per_tok)
     adapter.check_budget(config, keep, top_k)
+    groups = GroupedFamilyAdapter.num_groups(config) if isinstance(adapter, GroupedFamilyAdapter) else 1
+    text = calib is not None
     settings = EEPSettings(
         keep=keep,
         top_k=top_k,
@@ -648,38 +796,61 @@ def search(
         sigma=sigma,
         merge_scope=merge_scope,
         seed=seed,
-        objective=objective,
+        objective="text" if text else objective,
         init=tuple(init),
         time_budget=time_budget,
         active_experts=active_experts,
+        patience=patience if text else None,
+        groups=groups,
     )
     settings.check()
-    task_path = resolve_task(task)
-    task_items = read_items(task_path, 0, items)
+    if text:
+        check_calibration_files(list(calib))
+    else:
+        task_path = resolve_task(task)
+        task_items = read_items(task_path, 0, items)
     if distributed.launched_distributed():
         distributed.init_distributed("cpu")
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
     loaded = load_model(path, dtype)
+    timings["load"] = time.perf_counter() - t
     if loaded.tokenizer is None:
-        raise MoeShrinkError(f"{path} has no tokenizer files; the task items need the model's tokenizer")
+        raise MoeShrinkError(f"{path} has no tokenizer files; the search's data needs the model's tokenizer")
     model_, tokenizer = loaded.model, loaded.tokenizer
-    data = build_task_data(
-        tokenizer, task_items, {"files": [str(task_path)], "first_items": items, "seed": seed}
-    )
+    if text:
+        data, select_data = build_text_split(
+            tokenizer, list(calib), samples=samples, select_samples=select_samples, seq_len=seq_len, seed=seed
+        )
+    else:
+        data, select_data = (
+            build_task_data(
+                tokenizer, task_items, {"files": [str(task_path)], "first_items": items, "seed": seed}
+            ),
+            None,
+        )
     before = describe_model(model_, adapter)
-    fitness = TaskFitness(model_, adapter, data, objective=objective, batch_size=batch_size)
+    fitness = TaskFitness(model_, adapter, data, objective=settings.objective, batch_size=batch_size)
+    selection = (
+        TaskFitness(
+            model_, adapter, select_data, objective="text", batch_size=batch_size, working=fitness.working
+        )
+        if select_data is not None
+        else None
+    )
     timings["prepare"] = time.perf_counter() - t
 
     identity = {"fingerprint": checkpoint_fingerprint(path), "data": data.info["sha256"]}
+    if select_data is not None:
+        identity["selection"] = select_data.info["sha256"]
     directory = Path(state_dir) if state_dir is not None else None
     state = SearchState.load(directory) if directory is not None else None
     settings_dict = json.loads(json.dumps(asdict(settings)))  # as a saved state reads it back
     if state is not None:
         if state.identity != identity or _budgetless(state.settings) != _budgetless(settings_dict):
             raise MoeShrinkError(
-                f"{directory / STATE_FILENAME} belongs to another search (model, task data or settings "
+                f"{directory / STATE_FILENAME} belongs to another search (model, data or settings "
                 "differ): pick another --state-dir or remove it"
             )
         state.settings = settings_dict
@@ -688,6 +859,21 @@ def search(
 
     t = time.perf_counter()
     initial = _seeds(model_, adapter, fitness, settings)
+    timings["seed"] = time.perf_counter() - t
+    check = verify_by_default() if verify is None else verify
+    # one evaluation runs the fitness tokens through the MoE layers, as seeding just did
+    clock = Clock(per_evaluation=timings["seed"])
+    reserve = export_reserve(timings["load"], timings["seed"], check and output is not None)
+    if time_budget is not None:
+        clock.deadline = started + time_budget - reserve
+        spent = time.perf_counter() - started
+        if spent + timings["seed"] > time_budget - reserve:
+            raise MoeShrinkError(
+                f"--time-budget {time_budget:g}s is too short: loading and seeding took {spent:.1f}s, one "
+                f"evaluation takes about {timings['seed']:.1f}s and the export needs about {reserve:.1f}s; "
+                f"give at least {spent + 3 * timings['seed'] + reserve:.0f}s (or fewer --samples)"
+            )
+    t = time.perf_counter()
     state = run_search(
         fitness,
         settings,
@@ -697,12 +883,21 @@ def search(
         state_dir=directory,
         progress=progress and distributed.rank() == 0,
         stop_after=stop_after,
+        selection=selection,
+        clock=clock,
     )
     timings["search"] = time.perf_counter() - t
 
     t = time.perf_counter()
     best, best_prune = state.best, state.best_prune
     source = source_info(path, adapter, config)
+    budget_record = {
+        "time_budget": time_budget,
+        "export_reserve": round(reserve, 3),
+        "seconds_before_export": round(time.perf_counter() - started, 3),
+        "stopped": state.stopped or ("early stopping" if _stopped_early(state) else "completed"),
+        "generations": len(state.history),
+    }
 
     def plan_of(candidate: Candidate, label: str) -> tuple[dict[int, torch.Tensor], ModelPlan]:
         coefficients, layer_plans = fold_router(candidate, fitness, top_k)
@@ -714,11 +909,14 @@ def search(
                 "fitness": candidate.fitness.to_dict(),
                 "evaluations": state.evaluations,
                 "search_seconds": round(state.seconds, 3),
+                "run": budget_record,
             },
             budget={"keep": keep},
             top_k=top_k,
             source=source,
-            calibration=data.info | {"processes": distributed.world_size()},
+            calibration=data.info
+            | ({"selection": select_data.info} if select_data is not None else {})
+            | {"processes": distributed.world_size()},
             versions=versions(),
             layers=layer_plans,
         )
@@ -752,7 +950,6 @@ def search(
             def card(plan: ModelPlan) -> str:
                 return model_card(plan, before, after, name)
 
-            check = verify_by_default() if verify is None else verify
             export_checkpoint(
                 model_,
                 adapter,
@@ -767,7 +964,13 @@ def search(
             )
         distributed.barrier()
         result.output = Path(output)
+    timings["export"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - started
     return result
+
+
+def _stopped_early(state: SearchState) -> bool:
+    return any(h.get("early_stop") for h in state.history)
 
 
 def _budgetless(settings: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from moeshrink.arch import FamilyAdapter, MoELayer
+from moeshrink.engine.data import read_documents, tokenize_documents
 from moeshrink.engine.runner import capture_layer_inputs, move_to_device, run_layer
 from moeshrink.errors import MoeShrinkError
 from moeshrink.evaluate.tasks import known_tasks
 from moeshrink.plan import LayerPlan, NewExpert
 from moeshrink.surgery import RouteFn, RouterState, apply_layer_plan, install_router
-from moeshrink.surgery.router_transfer import one_hot_rows, transfer_route
+from moeshrink.surgery.router_transfer import RouterView, one_hot_rows, transfer_route
 from moeshrink.surgery.router_transfer import transfer_logits as transfer_logits  # imported from here too
 
 # Router logits kept per MoE layer when recording (for fitting the exported router rows).
@@ -122,7 +123,9 @@ class WorkingCopy:
         self.active = True
 
     def _route(self, layer: MoELayer, transfer: torch.Tensor, top_k: int) -> RouteFn:
-        exact = transfer_route(layer, transfer)
+        exact = transfer_route(
+            layer, transfer, self._routers[layer.index].tensors.get("e_score_correction_bias")
+        )
 
         def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             new_logits, new_weights, new_index = exact(logits)
@@ -142,7 +145,15 @@ class WorkingCopy:
         if self.compare is not None and index in self.compare:
             coefficients, acc = self.compare[index]
             fold_logits = logits.float()[valid] @ coefficients.float().T
-            fold_weights, fold_index = self.layers[index].route(fold_logits)
+            layer = self.layers[index]
+            bias = self._routers[index].tensors.get("e_score_correction_bias")
+            # the exported router's rows (bias too) are these coefficients' combinations of the old ones
+            router = (
+                layer.router
+                if bias is None
+                else RouterView(layer.router, e_score_correction_bias=coefficients.float() @ bias.float())
+            )
+            fold_weights, fold_index = layer.scoring(router, fold_logits, None)
             k = coefficients.shape[0]
             exact = _dense(weights[valid], chosen[valid], k)
             fold = _dense(fold_weights, fold_index, k)
@@ -235,17 +246,94 @@ def build_task_data(tokenizer, items: list[dict], info: dict | None = None) -> T
     )
 
 
+def windows_as_items(windows: torch.Tensor, info: dict | None = None) -> TaskData:
+    """Token windows ``[n, L]`` as one-choice items whose continuation is the whole window after its
+    first token: the fitness of such data is the mean next-token loss over every window token."""
+    n, length = windows.shape
+    digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
+    return TaskData(
+        input_ids=windows.clone(),
+        lengths=torch.full((n,), length),
+        starts=torch.ones(n, dtype=torch.long),
+        gold=torch.zeros(n, dtype=torch.long),
+        choices=torch.ones(n, dtype=torch.long),
+        info=(info or {}) | {"items": n, "samples": n, "seq_len": length, "sha256": digest},
+    )
+
+
+def build_text_split(
+    tokenizer,
+    paths: Sequence[str | Path],
+    *,
+    samples: int,
+    select_samples: int,
+    seq_len: int,
+    seed: int = 0,
+    text_field: str = "text",
+) -> tuple[TaskData, TaskData]:
+    """Plain calibration text as EEP fitness data and held-out selection data: the text (read and
+    tokenised as :func:`moeshrink.engine.data.build_calibration` does) is cut into windows of
+    ``seq_len`` tokens; the last ``select_samples`` windows are the selection text, and ``samples``
+    windows drawn (seeded) from the ones before are the fitness text, so the two never share a token."""
+    if samples < 1 or select_samples < 1 or seq_len < 2:
+        raise MoeShrinkError(
+            f"need --samples >= 1, --select-samples >= 1 and --seq-len >= 2, got {samples}, "
+            f"{select_samples}, {seq_len}"
+        )
+    stream = tokenize_documents(tokenizer, read_documents(paths, text_field))
+    windows = stream.numel() // seq_len
+    needed = samples + select_samples
+    if windows < needed:
+        raise MoeShrinkError(
+            f"calibration text too short for the fitness/selection split: {stream.numel()} tokens make "
+            f"{windows} windows of {seq_len}, and {samples} fitness + {select_samples} selection windows "
+            f"need {needed * seq_len} tokens; give more text or lower --samples / --select-samples / --seq-len"
+        )
+    cut = stream[: windows * seq_len].view(windows, seq_len)
+    pool = windows - select_samples
+    chosen = torch.randperm(pool, generator=torch.Generator().manual_seed(seed))[:samples].sort().values
+    info = {
+        "files": [str(p) for p in paths],
+        "text_field": text_field,
+        "seed": seed,
+        "tokens_available": int(stream.numel()),
+    }
+    fit = windows_as_items(cut[chosen].contiguous(), info | {"part": "fitness"})
+    select = windows_as_items(cut[pool:].contiguous(), info | {"part": "selection"})
+    return fit, select
+
+
 @dataclass(frozen=True)
 class Fitness:
-    """What one candidate scored: ``value`` (higher is better) is what the search maximises."""
+    """What one candidate scored: ``value`` (higher is better) is what the search maximises.
+
+    On plain text (:func:`build_text_split`) ``accuracy`` is None and ``nll`` = ``text_nll`` is the mean
+    next-token loss of the fitness windows; ``selection`` is the mean next-token loss on the held-out
+    selection windows, scored for the generations' leaders only (None until then)."""
 
     value: float
-    accuracy: float
+    accuracy: float | None
     nll: float  # mean negative log-likelihood per gold-continuation token
     text_nll: float  # the same over every token of the items' text (context + gold continuation)
+    selection: float | None = None
 
-    def to_dict(self) -> dict[str, float]:
-        return {"value": self.value, "accuracy": self.accuracy, "nll": self.nll, "text_nll": self.text_nll}
+    def to_dict(self) -> dict[str, float | None]:
+        out = {"value": self.value, "accuracy": self.accuracy, "nll": self.nll, "text_nll": self.text_nll}
+        return out | ({"selection": self.selection} if self.selection is not None else {})
+
+    @property
+    def chosen(self) -> float:
+        """What picks the search's best candidate (higher is better): minus the held-out loss where it
+        was scored, else the fitness value."""
+        return -self.selection if self.selection is not None else self.value
+
+    def label(self) -> str:
+        """A short line for progress bars and logs."""
+        parts = [] if self.accuracy is None else [f"acc {self.accuracy:.3f}"]
+        parts.append(f"nll {self.nll:.3f}")
+        if self.selection is not None:
+            parts.append(f"held-out {self.selection:.3f}")
+        return " ".join(parts)
 
 
 # accuracy (ties broken by the gold continuations' loss), the gold continuations' loss, or the loss
@@ -264,11 +352,13 @@ class TaskFitness:
         *,
         objective: str = "accuracy",
         batch_size: int = 32,
+        working: WorkingCopy | None = None,
     ):
         if objective not in OBJECTIVES:
             raise MoeShrinkError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         self.model, self.adapter, self.data, self.objective = model, adapter, data, objective
-        self.working = WorkingCopy(model, adapter)
+        # a second fitness on the same model (the held-out selection text) shares the working copy
+        self.working = working if working is not None else WorkingCopy(model, adapter)
         self.first = min(self.working.layers)
         self.batch_size = batch_size
         device = next(model.parameters()).device
@@ -345,11 +435,11 @@ class TaskFitness:
             gold_logp += float(scores[gold])
         gold_rows = offsets + data.gold
         gold_tokens = int((data.lengths - data.starts)[gold_rows].sum())
-        accuracy = correct / len(data.gold)
+        accuracy = correct / len(data.gold) if bool((data.choices > 1).any()) else None  # plain text
         nll = -gold_logp / gold_tokens
         # accuracy moves in steps of 1/items; the gold continuations' loss breaks its ties
         text_nll = -float(text_logprobs.sum()) / int(self.text.sum())
-        value = {"accuracy": accuracy - 1e-3 * nll, "loss": -nll, "text": -text_nll}[self.objective]
+        value = {"accuracy": (accuracy or 0.0) - 1e-3 * nll, "loss": -nll, "text": -text_nll}[self.objective]
         return Fitness(value=value, accuracy=accuracy, nll=nll, text_nll=text_nll)
 
     def evaluate(

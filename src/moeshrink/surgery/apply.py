@@ -76,7 +76,7 @@ def apply_layer_plan(layer: MoELayer, plan: LayerPlan) -> None:
 
 
 def write_refit(layer: MoELayer, plan: LayerPlan) -> None:
-    """Overwrite the re-fitted tensors of new experts (after :func:`apply_layer_plan`)."""
+    """Overwrite the re-fitted tensors of new experts and their router rows (after :func:`apply_layer_plan`)."""
     expected = {f"{i}.{name}" for i, e in enumerate(plan.experts) for name in e.refit}
     if expected != set(plan.refit_tensors):
         raise MoeShrinkError(
@@ -86,7 +86,8 @@ def write_refit(layer: MoELayer, plan: LayerPlan) -> None:
     with torch.no_grad():
         for key, tensor in plan.refit_tensors.items():
             index, name = key.split(".", 1)
-            param = layer.param(name)
+            # "router.<name>": a router row (recovery); anything else: an expert tensor
+            param = layer.router_tensors()[name[7:]] if name.startswith("router.") else layer.param(name)
             param.data[int(index)] = tensor.to(param.device, param.dtype)
 
 

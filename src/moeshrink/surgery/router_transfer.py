@@ -14,6 +14,12 @@ every top-level ``*.safetensors`` file never see it), a documented per-layer for
 and :func:`moeshrink.io.checkpoint.load_model` then installs it: each router keeps its folded rows in
 the standard weights, but its forward computes the original E logits, transfers them, and routes the
 K experts by the family's own rule.
+
+Grouped routing (DeepSeek-V2/V3) is modelled as it is: the K new experts form ``n_group`` contiguous
+groups of K / n_group (a transfer only ever mixes experts of one original group, see
+:func:`group_blocks`), the family's rule picks ``topk_group`` groups among them, and DeepSeek-V3's
+``e_score_correction_bias`` of a new expert is the T-weighted mean of its sources' biases
+(:func:`transfer_bias`; a kept expert keeps its own, so pruning stays exact).
 """
 
 from __future__ import annotations
@@ -70,13 +76,50 @@ def transfer_state(
     return state
 
 
-def transfer_route(layer: MoELayer, transfer: torch.Tensor) -> RouteFn:
+def group_blocks(num_experts: int, new_experts: int, groups: int) -> torch.Tensor:
+    """``[K, E]`` boolean mask: new expert i may draw on original expert j only when both lie in the
+    same routing group (contiguous groups of K / groups and E / groups); all True for one group."""
+    if groups <= 1:
+        return torch.ones(new_experts, num_experts, dtype=torch.bool)
+    new_group = torch.arange(new_experts) // (new_experts // groups)
+    old_group = torch.arange(num_experts) // (num_experts // groups)
+    return new_group[:, None] == old_group[None, :]
+
+
+def transfer_bias(bias: torch.Tensor, transfer: torch.Tensor) -> torch.Tensor:
+    """The selection bias ``[K]`` of the new experts: each row's T-weighted mean of the original biases
+    ``bias [E]`` (a one-hot row: that expert's own bias, exactly)."""
+    kept = one_hot_rows(transfer)
+    if kept is not None:
+        return bias[kept].float()
+    t = transfer.to(device=bias.device, dtype=torch.float32)
+    return (t @ bias.float()) / t.sum(1).clamp(min=1e-12)
+
+
+class RouterView:
+    """The router's routing options (top-k, groups, scaling) with some attributes replaced, e.g. the
+    correction bias of the new experts: what a scoring rule reads, without touching the router."""
+
+    def __init__(self, router: nn.Module, **replaced: object):
+        self._router, self._replaced = router, replaced
+
+    def __getattr__(self, name: str) -> object:
+        replaced = self.__dict__["_replaced"]
+        return replaced[name] if name in replaced else getattr(self.__dict__["_router"], name)
+
+
+def transfer_route(layer: MoELayer, transfer: torch.Tensor, bias: torch.Tensor | None = None) -> RouteFn:
     """Route the K new experts of ``layer`` from the original E logits: the exact transfer
-    ``transfer [K, E]`` (:func:`transfer_logits`), then the family's scoring rule."""
+    ``transfer [K, E]`` (:func:`transfer_logits`), then the family's scoring rule. ``bias`` is the
+    original ``e_score_correction_bias [E]`` where the family has one (DeepSeek-V3): the new experts
+    select with :func:`transfer_bias` of it."""
+    router = layer.router
+    if bias is not None:
+        router = RouterView(layer.router, e_score_correction_bias=transfer_bias(bias, transfer))
 
     def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         new_logits = transfer_logits(layer, logits, transfer)
-        new_weights, new_index = layer.route(new_logits)
+        new_weights, new_index = layer.scoring(router, new_logits, None)
         return new_logits, new_weights, new_index
 
     return route
@@ -92,8 +135,11 @@ def install_router_transfer(
     for index in changed:
         layer = layers[index]
         transfer = state[f"{index}.transfer"]
+        bias = state.get(f"{index}.router.e_score_correction_bias")
         install_router(
-            layer, transfer_route(layer, transfer), source=_original_router(layer, index, state, transfer)
+            layer,
+            transfer_route(layer, transfer, bias),
+            source=_original_router(layer, index, state, transfer),
         )
     return changed
 

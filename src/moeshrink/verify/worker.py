@@ -42,14 +42,18 @@ def run_transformers(directory: Path, input_ids: list[list[int]]) -> dict[str, A
     config = AutoConfig.from_pretrained(directory)
     per_layer = bool(getattr(config, PER_LAYER_KEY, None) or getattr(config, TOP_K_PER_LAYER_KEY, None))
     # transformers dequantizes block-FP8 on a CPU by the scale grid's shape, wrong for partial tiles
-    # (DeepSeek-V3's 576-row kv_a_proj_with_mqa): moeshrink's loader dequantizes by weight_block_size
+    # (DeepSeek-V3's 576-row kv_a_proj_with_mqa): moeshrink's loader dequantizes by weight_block_size;
+    # compressed-tensors needs the compressed-tensors package in transformers: moeshrink's loader does not
     quantized = getattr(config, "quantization_config", None) is not None
     report: dict[str, Any] = {"transformers": transformers.__version__, "torch": torch.__version__}
     if per_layer or quantized:
         from moeshrink.io.checkpoint import load_model
 
         model = load_model(directory, "float32").model
-        kind = "block-FP8, dequantized" if quantized else "per-layer format"
+        scheme = (config.quantization_config or {}).get("quant_method") if quantized else None
+        kind = {"fp8": "block-FP8, dequantized", None: "per-layer format"}.get(
+            scheme, f"{scheme}, dequantized"
+        )
         report |= {"loader": f"moeshrink.io.checkpoint.load_model ({kind})"}
     else:
         model, info = AutoModelForCausalLM.from_pretrained(
