@@ -905,8 +905,15 @@ def test_killed(kill: Kill, checkpoints, calib_file, plan_source, tmp_path, tmp_
         *argv,
     ]
     environment = {**os.environ, "MOESHRINK_VERIFY": "0"}
+    # as from a terminal: a suite started in the background by a shell without job control inherits
+    # SIGINT ignored, and the child would run to the end instead of being interrupted
     run = subprocess.Popen(
-        child, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        child,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     started = ""
     while kill.delay and READY not in started and run.poll() is None:  # the delay counts from the run
