@@ -55,6 +55,18 @@ def broken_copy(tmp_path: Path, source: Path, change) -> Path:
     return path
 
 
+def assert_one_layer_at_a_time(source) -> None:
+    """A quantized layer source holds one decoder layer, dequantized to bfloat16, at a time."""
+    import torch
+
+    for index in range(len(source.layers)):
+        source.load(index)
+        assert source.layers[index].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+        source.release(index, write=True)
+        assert all(p.is_meta for p in source.layers[index].parameters())
+    assert source.max_loaded == 1
+
+
 def tree_digest(directory: Path) -> dict[str, str]:
     """sha256 of every file under ``directory`` (to check that inputs are never modified)."""
     return {

@@ -30,7 +30,7 @@ from moeshrink.surgery import apply_model_plan
 from moeshrink.testbed.ctensors import PRESETS, compress_weight, quantization_config, write_compressed_tensors
 from moeshrink.testbed.tiny import build_tiny_model
 
-from .conftest import broken_copy, tree_digest
+from .conftest import assert_one_layer_at_a_time, broken_copy, tree_digest
 from .test_quantized import _logits, _prune, assert_bit_exact
 
 # name -> (family, preset, modules left unquantized and listed in ignore)
@@ -153,12 +153,7 @@ def test_streamed_and_resident_write_the_same(ct, calib_file, tmp_path):
     source = QuantizedLayers(
         path, config, adapter, reader, open_quantized(path, read_quantization(path), reader)
     )
-    for index in range(len(source.layers)):
-        source.load(index)
-        assert source.layers[index].mlp.experts.gate_up_proj.dtype == torch.bfloat16
-        source.release(index, write=True)
-        assert all(p.is_meta for p in source.layers[index].parameters())
-    assert source.max_loaded == 1
+    assert_one_layer_at_a_time(source)
     _prune(ct["qwen3_moe-w4a16_asym"], calib_file, tmp_path / "streamed")
     _prune(ct["qwen3_moe-w4a16_asym"], calib_file, tmp_path / "resident", stream=False)
     streamed, resident = tree_digest(tmp_path / "streamed"), tree_digest(tmp_path / "resident")

@@ -31,7 +31,7 @@ from moeshrink.surgery import apply_model_plan
 from moeshrink.testbed.fp8 import write_block_fp8
 from moeshrink.testbed.tiny import build_tiny_model
 
-from .conftest import broken_copy, tree_digest
+from .conftest import assert_one_layer_at_a_time, broken_copy, tree_digest
 
 BLOCK = (16, 16)
 # family -> (layout, modules left unquantized and listed in modules_to_not_convert)
@@ -227,12 +227,7 @@ def test_streamed_and_resident_write_the_same(fp8, calib_file, tmp_path):
     source = BlockFP8Layers(
         path, config, adapter, reader, open_block_fp8(path, read_quantization(path), reader)
     )
-    for index in range(len(source.layers)):
-        source.load(index)
-        assert source.layers[index].mlp.experts.gate_up_proj.dtype == torch.bfloat16
-        source.release(index, write=True)
-        assert all(p.is_meta for p in source.layers[index].parameters())
-    assert source.max_loaded == 1
+    assert_one_layer_at_a_time(source)
 
 
 def test_verified_in_a_fresh_process(fp8, calib_file, tmp_path):
