@@ -187,7 +187,7 @@ def main() -> None:
     }
     json_path = args.out.with_suffix(".json")
     data: dict = json.loads(json_path.read_text()) if json_path.exists() else {"rows": {}, "commands": []}
-    if data.get("settings", {}).get("split", "test") != args.split:
+    if data["rows"] and data.get("settings", {}).get("split", "test") != args.split:
         sys.exit(
             f"{json_path} holds rows measured on another split than --split {args.split}: use another --out"
         )
