@@ -16,10 +16,15 @@ One invocation is one run: a run id, the machine, the versions and every single 
 OUT.json, which a rerun replaces whole (it never resumes or mixes rows of two runs; ``--report-only``
 refuses a file that does). Calibration files are copied (and hashed) at the start, so every row of a
 run sees the same text. Checkpoints: the testbed (``--modes memory stream``) and, streamed, synthetic
-Mixtral-shaped checkpoints of growing size (``--sizes``, ``benchmarks/make_synthetic.py``), each
-deleted after its rows.
+Mixtral-shaped checkpoints of growing size (``--sizes``, ``benchmarks/make_synthetic.py``; block-FP8
+with ``--synthetic-fp8-block R C``), each deleted after its rows. ``--memory-limit-gib X`` runs every
+measurement in a memory cgroup of X GiB (page cache included; needs a writable /sys/fs/cgroup), so a
+checkpoint larger than the memory a run may use can be tested on a machine whose disk cannot hold one
+larger than its RAM.
 
     python benchmarks/cost.py --calib-domains wiki pydoc --keep 8 4 --repeat 3 --out docs/cost
+    python benchmarks/cost.py --skip-testbed --sizes 10 --synthetic-fp8-block 128 128 --memory-limit-gib 4 \
+        --out docs/cost_fp8_stream
 """
 
 from __future__ import annotations
@@ -67,8 +72,10 @@ def _floor(job: dict) -> Callable[[], dict]:
 
     from moeshrink.engine.data import build_calibration
     from moeshrink.engine.runner import capture_layer_inputs, move_to_device, run_layer
-    from moeshrink.io.checkpoint import load_model, load_tokenizer
-    from moeshrink.io.streaming import StreamedLayers
+    from moeshrink.io.checkpoint import load_config, load_model, load_tokenizer
+    from moeshrink.io.streaming import ShardReader, StreamedLayers
+    from moeshrink.quant import read_quantization
+    from moeshrink.quant.source import QuantizedLayers, open_quantized
 
     def run() -> dict:
         path, steps = Path(job["model"]), {}
@@ -78,7 +85,16 @@ def _floor(job: dict) -> Callable[[], dict]:
         steps["prepare"] = time.perf_counter() - t
         t = time.perf_counter()
         with torch.no_grad():
-            if job["stream"]:
+            scheme = read_quantization(path)
+            if (
+                job["stream"] and scheme is not None
+            ):  # as the methods read it: one layer dequantized at a time
+                config, adapter = load_config(path)
+                reader = ShardReader(path)
+                quantized = open_quantized(path, scheme, reader)
+                streamer = QuantizedLayers(path, config, adapter, reader, quantized, "auto", resident=False)
+                model, layers = streamer.model, streamer.layers
+            elif job["stream"]:
                 streamer = StreamedLayers.open(path)
                 model, layers, adapter = streamer.model, streamer.layers, streamer.adapter
             else:
@@ -182,12 +198,42 @@ def child(job: dict) -> None:
     print("RESULT " + json.dumps(result | extra), flush=True)
 
 
-def measure(job: dict, timeout: float, source: Path | None = None, script: str = __file__) -> dict:
-    """Run one job in a fresh process (``script --child``, importing moeshrink from ``source`` when given)
-    and return what it reported (or the error)."""
+def memory_cgroup(name: str, limit_gib: float) -> Path:
+    """A memory cgroup ``name`` limiting its processes to ``limit_gib`` GiB (page cache counts; cgroup v2
+    ``memory.max`` or v1 ``memory.limit_in_bytes``, swap off where v1 allows); an error when this
+    machine does not let us make one."""
+    limit = str(int(limit_gib * 2**30))
+    v2 = Path("/sys/fs/cgroup")
+    candidates = [(v2 / name, "memory.max", None)] if (v2 / "cgroup.controllers").is_file() else []
+    v1 = v2 / "memory"
+    candidates += [(v1 / name, "memory.limit_in_bytes", "memory.memsw.limit_in_bytes")] if v1.is_dir() else []
+    for path, limit_file, swap_file in candidates:
+        try:
+            path.mkdir(exist_ok=True)
+            (path / limit_file).write_text(limit)
+            if swap_file and (path / swap_file).exists():
+                (path / swap_file).write_text(limit)
+            return path
+        except OSError:
+            continue
+    sys.exit(
+        f"--memory-limit-gib: cannot make a memory cgroup under {v2} (needs root and cgroups); drop the option"
+    )
+
+
+def measure(
+    job: dict, timeout: float, source: Path | None = None, script: str = __file__, cgroup: Path | None = None
+) -> dict:
+    """Run one job in a fresh process (``script --child``, importing moeshrink from ``source`` when given,
+    inside the memory ``cgroup`` when given) and return what it reported (or the error)."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
+
+    def join_cgroup() -> None:
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
     try:
         proc = subprocess.run(
             [sys.executable, script, "--child", json.dumps(job)],
@@ -195,9 +241,12 @@ def measure(job: dict, timeout: float, source: Path | None = None, script: str =
             text=True,
             env=env,
             timeout=timeout,
+            preexec_fn=join_cgroup if cgroup is not None else None,
         )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}
+    if proc.returncode in (-9, 137) and cgroup is not None:
+        return {"error": "killed: out of memory in the memory cgroup"}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
@@ -465,6 +514,16 @@ def render(data: dict) -> str:
         "",
         *(
             [
+                f"Every measurement ran in a memory cgroup limited to {meta['memory_limit_gib']:g} GiB "
+                "(resident memory and page cache together, no swap): it could not hold a checkpoint larger "
+                "than that, however much RAM the machine has.",
+                "",
+            ]
+            if meta.get("memory_limit_gib")
+            else []
+        ),
+        *(
+            [
                 f"Rows *at commit {meta['before']}* run that commit's `src/` (the code before the change), each "
                 "right after the same method at the run's commit, between the same floors.",
                 "",
@@ -610,6 +669,18 @@ def main() -> None:
     parser.add_argument("--skip-testbed", action="store_true")
     parser.add_argument("--sizes", type=float, nargs="*", default=[], help="synthetic sizes in GB (streamed)")
     parser.add_argument("--synthetic-methods", nargs="+", default=["frequency", "reap", "msmoe:align=none"])
+    parser.add_argument(
+        "--synthetic-fp8-block",
+        type=int,
+        nargs=2,
+        metavar=("ROWS", "COLS"),
+        help="synthetic checkpoints in block-FP8",
+    )
+    parser.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        help="run every measurement in a memory cgroup of this size (root only)",
+    )
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/moeshrink-cost"))
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -648,6 +719,9 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    cgroup = (
+        memory_cgroup(f"moeshrink-cost-{run_id}", args.memory_limit_gib) if args.memory_limit_gib else None
+    )
     scratch = args.scratch / run_id
     scratch.mkdir(parents=True)
     source = None if args.working_tree else snapshot_source(scratch)
@@ -680,6 +754,7 @@ def main() -> None:
         "repeat": args.repeat,
         "repeat_below": args.repeat_below,
         "calibration": calib,
+        "memory_limit_gib": args.memory_limit_gib,
         "notes": ["## Notes", "", *args.notes.read_text().splitlines()] if args.notes else [],
     }
     data: dict[str, Any] = {"meta": meta, "samples": [], "rows": []}
@@ -699,9 +774,8 @@ def main() -> None:
                 options = dict(o.split("=", 1) for o in filter(None, opts.split(",")))
                 job |= {"method": method, "options": options, "keep": spec["keep"]}
                 job["verify"] = spec.get("verify", False)
-            if spec.get("before"):
-                return measure(job, args.timeout, before[1], str(script))
-            return measure(job, args.timeout, source, str(script))
+            code = before[1] if spec.get("before") else source
+            return measure(job, args.timeout, code, str(script), cgroup)
 
         return measure_one
 
@@ -722,13 +796,13 @@ def main() -> None:
         modes = [m == "stream" for m in args.modes]
         plan.append(("testbed", data_dir / "moeshrink-tiny", jobs, modes, args.calib_domains))
     for size in args.sizes:
-        name = f"synthetic-{size:g}GB"
+        name = f"synthetic-{'fp8-' if args.synthetic_fp8_block else ''}{size:g}GB"
         jobs = [{"method": m, "keep": 4} for m in args.synthetic_methods]
         plan.append((name, scratch / name, jobs, [True], args.calib_domains[:1]))
     try:
         for name, path, jobs, modes, domains in plan:
             if not path.exists():
-                size = name.removeprefix("synthetic-").removesuffix("GB")
+                size = name.removeprefix("synthetic-").removeprefix("fp8-").removesuffix("GB")
                 make = [
                     sys.executable,
                     str(HERE / "make_synthetic.py"),
@@ -737,6 +811,8 @@ def main() -> None:
                     "--out",
                     str(path),
                 ]
+                if args.synthetic_fp8_block:
+                    make += ["--fp8-block", *map(str, args.synthetic_fp8_block)]
                 subprocess.run(make, check=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
             info = _checkpoint_info(name, path)
             try:
@@ -755,6 +831,8 @@ def main() -> None:
         json_path.write_text(json.dumps(data, indent=1) + "\n")
         md_path.write_text(render(data))
         shutil.rmtree(scratch, ignore_errors=True)
+        if cgroup is not None:
+            cgroup.rmdir()
     print(f"wrote {json_path} and {md_path}")
 
 

@@ -5,9 +5,12 @@ checkpoints differ only in depth (what the cost benchmark needs: time should gro
 should not). Tensor names and shapes come from transformers itself: the model is built on the meta
 device and its layers' tensors are converted to the on-disk layout ``save_pretrained`` writes
 (per-expert keys for both families). Tensors are drawn one at a time and written shard by shard, so
-memory stays at one shard. The testbed tokenizer is copied beside the weights.
+memory stays at one shard. The testbed tokenizer is copied beside the weights. With ``--fp8-block R C``
+the decoder layers' linear weights are written as block-FP8 in DeepSeek-V3's layout (float8_e4m3fn,
+a float32 ``weight_scale_inv`` per R x C tile, ``quant_method: fp8``), routers and the rest unquantized.
 
     python benchmarks/make_synthetic.py --size-gb 4 --out /tmp/synthetic-4g
+    python benchmarks/make_synthetic.py --size-gb 10 --fp8-block 128 128 --out /tmp/synthetic-fp8-10g
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from transformers.core_model_loading import revert_weight_conversion
 from moeshrink.errors import MoeShrinkError
 from moeshrink.io.export import atomic_directory
 from moeshrink.io.streaming import layer_of
+from moeshrink.quant.fp8 import SCALE_SUFFIX, quantize, scale_shape
+from moeshrink.testbed.fp8 import block_fp8_config, is_quantized_weight
 from moeshrink.testbed.paths import tokenizer_dir
 
 # One decoder layer of about 0.44 GB in bfloat16 (8 experts of 2048 -> 4096 -> 2048, GQA attention).
@@ -90,13 +95,36 @@ def on_disk_shapes(family: str, num_layers: int, dtype: torch.dtype) -> list[tup
     return out
 
 
-def layers_for_size(family: str, size_bytes: float, dtype: torch.dtype) -> int:
+def stored_tensors(
+    tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, fp8_block: tuple[int, int] | None
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """The tensors as the file stores them: with ``fp8_block``, each quantized weight in float8 and
+    its float32 scale right after it."""
+    out = []
+    for name, shape in tensors:
+        if fp8_block is not None and is_quantized_weight(name, len(shape)):
+            out.append((name, shape, torch.float8_e4m3fn))
+            out.append((name + SCALE_SUFFIX, tuple(scale_shape(shape, fp8_block)), torch.float32))
+        else:
+            out.append((name, shape, dtype))
+    return out
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+
+
+def layers_for_size(
+    family: str, size_bytes: float, dtype: torch.dtype, fp8_block: tuple[int, int] | None = None
+) -> int:
     """How many decoder layers bring the checkpoint to about ``size_bytes``."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    one = on_disk_shapes(family, 1, dtype)
-    two = on_disk_shapes(family, 2, dtype)
-    base = sum(math.prod(s) for k, s in one if layer_of(k) is None) * itemsize
-    per_layer = sum(math.prod(s) for k, s in two) * itemsize - sum(math.prod(s) for k, s in one) * itemsize
+
+    def total(num_layers: int, layers_only: bool = False) -> int:
+        stored = stored_tensors(on_disk_shapes(family, num_layers, dtype), dtype, fp8_block)
+        return sum(_nbytes(s, d) for k, s, d in stored if not layers_only or layer_of(k) is None)
+
+    base = total(1, layers_only=True)
+    per_layer = total(2) - total(1)
     return max(1, round((size_bytes - base) / per_layer))
 
 
@@ -111,15 +139,15 @@ def random_tensor(
 
 
 def _shards(
-    tensors: list[tuple[str, tuple[int, ...]]], itemsize: int, shard_bytes: int
-) -> Iterator[list[tuple[str, tuple[int, ...]]]]:
+    tensors: list[tuple[str, tuple[int, ...], torch.dtype]], shard_bytes: int
+) -> Iterator[list[tuple[str, tuple[int, ...], torch.dtype]]]:
     group, size = [], 0
-    for name, shape in tensors:
-        nbytes = math.prod(shape) * itemsize
+    for name, shape, dtype in tensors:
+        nbytes = _nbytes(shape, dtype)
         if group and size + nbytes > shard_bytes:
             yield group
             group, size = [], 0
-        group.append((name, shape))
+        group.append((name, shape, dtype))
         size += nbytes
     if group:
         yield group
@@ -133,31 +161,42 @@ def make_synthetic(
     shard_gb: float = 2.0,
     seed: int = 0,
     overwrite: bool = False,
+    fp8_block: tuple[int, int] | None = None,
 ) -> Path:
     """Write the checkpoint to ``out`` (atomically) and return it."""
     torch_dtype = getattr(torch, dtype)
-    itemsize = torch.empty(0, dtype=torch_dtype).element_size()
-    num_layers = layers_for_size(family, size_gb * 1e9, torch_dtype)
-    tensors = on_disk_shapes(family, num_layers, torch_dtype)
-    total = sum(math.prod(s) for _, s in tensors) * itemsize
+    num_layers = layers_for_size(family, size_gb * 1e9, torch_dtype, fp8_block)
+    tensors = stored_tensors(on_disk_shapes(family, num_layers, torch_dtype), torch_dtype, fp8_block)
+    total = sum(_nbytes(s, d) for _, s, d in tensors)
     free = shutil.disk_usage(Path(out).absolute().parent).free
     if free < total * 1.02:
         raise MoeShrinkError(
             f"{out}: a {total / 1e9:.1f} GB checkpoint does not fit in {free / 1e9:.1f} GB free; choose a smaller size"
         )
-    shards = list(_shards(tensors, itemsize, int(shard_gb * 1e9)))
+    shards = list(_shards(tensors, int(shard_gb * 1e9)))
     generator = torch.Generator().manual_seed(seed)
     weight_map = {}
     with atomic_directory(out, overwrite) as tmp:
         for i, group in enumerate(shards, start=1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            state = {k: random_tensor(k, s, torch_dtype, generator) for k, s in group}
+            state = {}
+            for key, shape, stored in group:
+                if key.endswith(SCALE_SUFFIX):
+                    continue  # written with its weight
+                tensor = random_tensor(key, shape, torch_dtype, generator)
+                if stored == torch.float8_e4m3fn:
+                    state[key], state[key + SCALE_SUFFIX] = quantize(tensor, fp8_block)
+                else:
+                    state[key] = tensor
             save_file(state, tmp / name, metadata={"format": "pt"})
             del state
-            weight_map.update(dict.fromkeys((k for k, _ in group), name))
+            weight_map.update(dict.fromkeys((k for k, _, _ in group), name))
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        synthetic_config(family, num_layers, torch_dtype).save_pretrained(tmp)
+        config = synthetic_config(family, num_layers, torch_dtype)
+        if fp8_block is not None:
+            config.quantization_config = block_fp8_config(fp8_block)
+        config.save_pretrained(tmp)
         for file in tokenizer_dir().iterdir():
             shutil.copy2(file, tmp / file.name)
     return Path(out)
@@ -172,9 +211,13 @@ def main() -> None:
     parser.add_argument("--shard-gb", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--fp8-block", type=int, nargs=2, metavar=("ROWS", "COLS"), help="write block-FP8 with these tiles"
+    )
     args = parser.parse_args()
+    fp8_block = tuple(args.fp8_block) if args.fp8_block else None
     path = make_synthetic(
-        args.out, args.size_gb, args.family, args.dtype, args.shard_gb, args.seed, args.overwrite
+        args.out, args.size_gb, args.family, args.dtype, args.shard_gb, args.seed, args.overwrite, fp8_block
     )
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(f"wrote {path}: {size / 1e9:.2f} GB")

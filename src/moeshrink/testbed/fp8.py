@@ -32,6 +32,33 @@ def _listed(module: str, names: Sequence[str]) -> bool:
     return any(module == n or module.startswith(n + ".") for n in names)
 
 
+def is_quantized_weight(name: str, ndim: int, not_converted: Sequence[str] = ()) -> bool:
+    """Whether the block-FP8 releases store tensor ``name`` in FP8: every linear weight of the
+    decoder layers except the routers and the modules in ``not_converted``."""
+    module = name.removesuffix(".weight")
+    return (
+        name.endswith(".weight")
+        and ndim == 2
+        and ".layers." in name
+        and not _is_router(module)
+        and not _listed(module, not_converted)
+    )
+
+
+def block_fp8_config(block: Sequence[int], not_converted: Sequence[str] = ()) -> dict:
+    """The ``quantization_config`` of a block-FP8 checkpoint with ``block`` tiles (DeepSeek-V3's keys;
+    ``modules_to_not_convert`` only when there are any)."""
+    quant: dict = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": list(block),
+    }
+    if not_converted:
+        quant["modules_to_not_convert"] = list(not_converted)
+    return quant
+
+
 def write_block_fp8(
     source: str | Path,
     out_dir: str | Path,
@@ -50,14 +77,7 @@ def write_block_fp8(
     skipped: list[str] = []
     for name, tensor in state.items():
         module = name.removesuffix(".weight")
-        quantized = (
-            name.endswith(".weight")
-            and tensor.ndim == 2
-            and ".layers." in name
-            and not _is_router(module)
-            and not _listed(module, not_converted)
-        )
-        if quantized:
+        if is_quantized_weight(name, tensor.ndim, not_converted):
             out[name], scale = quantize(tensor, block)
             out[name + SCALE_SUFFIX] = scale.to(scale_dtype)
         else:
@@ -66,18 +86,10 @@ def write_block_fp8(
                 skipped.append(module)
     save_file(out, out_dir / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((out_dir / "config.json").read_text())
-    quant = {
-        "activation_scheme": "dynamic",
-        "fmt": "e4m3",
-        "quant_method": "fp8",
-        "weight_block_size": list(block),
-    }
     listed = sorted(skipped) if style == "qwen3" else sorted(m for m in skipped if _listed(m, not_converted))
-    if listed:
-        quant["modules_to_not_convert"] = listed
-    config["quantization_config"] = quant
+    config["quantization_config"] = block_fp8_config(block, listed)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
-__all__ = ["write_block_fp8"]
+__all__ = ["block_fp8_config", "is_quantized_weight", "write_block_fp8"]
