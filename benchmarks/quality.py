@@ -36,6 +36,15 @@ TIME_NOTE = (
     "[cost.md](cost.md) times every method against a floor measured in the same run, interleaved with it."
 )
 
+# The calibration "domain" of general-purpose calibration: the four domains' calib splits together.
+MIXED = "mixed"
+
+
+def calib_files(calib_domain: str) -> list[Path]:
+    """The calib split(s) of a calibration setting: one domain's, or every domain's for MIXED."""
+    return [corpus_dir() / d / "calib.jsonl" for d in (DOMAINS if calib_domain == MIXED else [calib_domain])]
+
+
 # Variant keys that are arguments of prune() (sparsity, budgets), not options of the method.
 PRUNE_KEYS = (
     "total_sparsity",
@@ -77,7 +86,12 @@ def main() -> None:
         help="methods or variants, e.g. uncurl:align=none,reconstruct=true",
     )
     parser.add_argument("--keep", type=int, nargs="+", default=[12, 8, 4])
-    parser.add_argument("--calib-domains", nargs="+", default=list(DOMAINS))
+    parser.add_argument(
+        "--calib-domains",
+        nargs="+",
+        default=list(DOMAINS),
+        help=f"each a calibration setting: one domain, or {MIXED!r} (the four domains' calib text together)",
+    )
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=16384)
@@ -141,7 +155,7 @@ def main() -> None:
                     model_dir,
                     name,
                     keep=None if name == "none" else keep,
-                    calib=corpus_dir() / calib_domain / "calib.jsonl",
+                    calib=calib_files(calib_domain),
                     samples=args.samples,
                     seq_len=args.seq_len,
                     method_options=options,
@@ -215,12 +229,12 @@ def render(data: dict) -> str:
                 for d in domains:
                     ratio = math.log(r["domains"][d]["perplexity"] / base["domains"][d]["perplexity"])
                     (own if d == c else other).append(ratio)
-            if own:
+            if own or other:  # own is empty for mixed calibration: every domain was in it
                 table.append(
                     [
                         str(keep),
                         method,
-                        f"{math.exp(sum(own) / len(own)):.3f}",
+                        f"{math.exp(sum(own) / len(own)):.3f}" if own else "-",
                         f"{math.exp(sum(other) / len(other)):.3f}",
                     ]
                 )
