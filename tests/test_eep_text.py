@@ -162,3 +162,39 @@ def test_bad_inputs_fail_before_writing(tiny, calib_file, tmp_path):
     with pytest.raises(MoeShrinkError, match="calibration file not found"):
         search(tiny["mixtral"], calib=[tmp_path / "missing.txt"], keep=4, output=out, **SMALL)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_recovery_after_the_search(family, tiny, calib_file, tmp_path):
+    """--recover: the best candidate goes through the recover step before the export; the plan records
+    the fitted error per layer, and the plan re-applied to the source gives the exported weights."""
+    from moeshrink.pipeline import apply_plan
+
+    out = tmp_path / "o"
+    result = search(
+        tiny[family], calib=[calib_file], keep=4, output=out, recover=True, recover_samples=8, **SMALL
+    )
+    plan = json.loads((out / PLAN_FILENAME).read_text())
+    assert plan["method"] == "eep" and plan["recovery"]["ridge"] == 1.0
+    errors = [lp["recovery"] for lp in plan["layers"] if lp.get("recovery")]
+    assert errors and all(e["after"] <= e["before"] + 1e-9 for e in errors)
+    assert any(e["after"] < e["before"] for e in errors)
+    assert plan["calibration"]["recovery"] == {"samples": 8, "seq_len": 32, "seed": 0}
+    ids = result.task_data.input_ids[:2]
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(_logits(exported, ids), _logits(result.model, ids), rtol=1e-5, atol=1e-5)
+    again = apply_plan(tiny[family], out / PLAN_FILENAME).model
+    torch.testing.assert_close(_logits(again, ids), _logits(result.model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_recovery_options_fail_before_work(tiny, calib_file, tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(MoeShrinkError, match="--recover fits on calibration text"):
+        search(tiny["mixtral"], "moeshrink_wiki", keep=4, output=out, recover=True, **SMALL)
+    with pytest.raises(MoeShrinkError, match="add --recover"):
+        search(tiny["mixtral"], calib=[calib_file], keep=4, output=out, recover_ridge=0.5, **SMALL)
+    with pytest.raises(MoeShrinkError, match=r"--recover-ridge must be in \(0, 100\]"):
+        search(
+            tiny["mixtral"], calib=[calib_file], keep=4, output=out, recover=True, recover_ridge=0, **SMALL
+        )
+    assert not out.exists()

@@ -400,6 +400,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         verify=args.verify,
         revision=args.revision,
         started=started,
+        recover=bool(args.recover),
+        recover_ridge=args.recover_ridge,
     )
     if distributed.rank() == 0:
         best, state = result.best.fitness, result.state
@@ -577,6 +579,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--exact-router",
         action="store_true",
         help="also save the exact router transfer; moeshrink eval and load_model route by it",
+    )
+    p.add_argument(
+        "--recover",
+        action="store_true",
+        help="with --calib: re-fit the best candidate's router rows and down projections to the original "
+        "layers' output on 64 windows of the text before the export (docs/recovery.md)",
+    )
+    p.add_argument(
+        "--recover-ridge",
+        type=float,
+        help="recovery's ridge, relative to each fit's Gram diagonal, in (0, 100] (default 1)",
     )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(

@@ -252,6 +252,27 @@ def _fold_recover(steps: list[dict[str, Any]], existing: dict | None, fields: di
     body.update({k: v for k, v in fields.items() if k is not None})
 
 
+def record_recovery(
+    layer_plans: list[LayerPlan], step: RecoverStep, recovered: dict[int, Any]
+) -> dict[str, Any]:
+    """Put what the recover ``step`` did (``recovered``, by layer) into the layer plans (errors, re-fitted
+    tensors and their names) and return the plan's ``recovery`` summary."""
+    for lp in layer_plans:
+        done = recovered.get(lp.layer)
+        if done is None:
+            continue
+        lp.recovery = done.errors
+        lp.refit_tensors.update(done.tensors)
+        for i, names in done.names().items():
+            lp.experts[i].refit = sorted(set(lp.experts[i].refit) | set(names))
+    errors = [lp.recovery for lp in layer_plans if lp.recovery]
+    recovery = {"ridge": step.ridge, "router": step.router, "down": step.down} | {
+        f"mean_{k}": sum(e[k] for e in errors) / len(errors) for k in ("before", "after") if errors
+    }
+    recovery["router_fitted_layers"] = sum(e.get("router") == "fitted" for e in errors)
+    return recovery
+
+
 def _only(d: dict, key: str) -> dict:
     return {key: d[key]} if key in d else {}
 
@@ -605,21 +626,7 @@ class CheckedJob:
         experts, planned = by_kind["experts"]
         layer_plans: list[LayerPlan] = list(planned.values())
         recover, recovered = by_kind.get("recover", (None, {}))
-        recovery = None
-        if recover is not None:
-            for lp in layer_plans:
-                done = recovered.get(lp.layer)
-                if done is None:
-                    continue
-                lp.recovery = done.errors
-                lp.refit_tensors.update(done.tensors)
-                for i, names in done.names().items():
-                    lp.experts[i].refit = sorted(set(lp.experts[i].refit) | set(names))
-            errors = [lp.recovery for lp in layer_plans if lp.recovery]
-            recovery = {"ridge": recover.ridge, "router": recover.router, "down": recover.down} | {
-                f"mean_{k}": sum(e[k] for e in errors) / len(errors) for k in ("before", "after") if errors
-            }
-            recovery["router_fitted_layers"] = sum(e.get("router") == "fitted" for e in errors)
+        recovery = record_recovery(layer_plans, recover, recovered) if recover is not None else None
         sparsify, sparsified = by_kind.get("sparsify", (None, {}))
         summary = None
         if sparsify is not None:

@@ -45,17 +45,28 @@ from tqdm.auto import tqdm
 
 from moeshrink.arch import GroupedFamilyAdapter
 from moeshrink.engine import distributed
-from moeshrink.engine.data import check_calibration_files
+from moeshrink.engine.data import build_calibration, check_calibration_files
 from moeshrink.engine.observers import COUNTS
-from moeshrink.engine.runner import collect_layer_stats
+from moeshrink.engine.offload import ResidentLayers
+from moeshrink.engine.runner import collect_layer_stats, run_steps
+from moeshrink.engine.steps import ExpertsStep, RecoverStep
 from moeshrink.errors import MoeShrinkError
 from moeshrink.info import describe_model
 from moeshrink.io.checkpoint import checkpoint_fingerprint, load_model
 from moeshrink.io.export import export_checkpoint
-from moeshrink.job import open_checkpoint, source_info, verify_by_default, versions
+from moeshrink.job import (
+    RECOVER_RIDGE,
+    RECOVER_RIDGE_MAX,
+    open_checkpoint,
+    record_recovery,
+    source_info,
+    verify_by_default,
+    versions,
+)
 from moeshrink.methods import get_method
 from moeshrink.methods.base import ScorePruning, top_scores
 from moeshrink.methods.merging import logit_space_coefficients
+from moeshrink.methods.planned import PlannedExperts
 from moeshrink.plan import LayerPlan, ModelPlan, NewExpert
 from moeshrink.quant import refuse_quantized
 from moeshrink.report.model_card import model_card
@@ -72,6 +83,7 @@ from moeshrink.search.fitness import (
     resolve_task,
 )
 from moeshrink.surgery import apply_model_plan
+from moeshrink.surgery.apply import update_config
 from moeshrink.surgery.router_transfer import TRANSFER_FILENAME, group_blocks, transfer_state
 from moeshrink.verify import verify_before_commit
 
@@ -751,6 +763,9 @@ def search(
     verify: bool | None = None,
     revision: str | None = None,
     started: float | None = None,
+    recover: bool = False,
+    recover_ridge: float | None = None,
+    recover_samples: int = 64,
 ) -> SearchResult:
     """EEP on the checkpoint at ``model``: keep ``keep`` experts per MoE layer with ``top_k`` active,
     and (with ``output``) export the best candidate with a standard router.
@@ -771,12 +786,25 @@ def search(
     route by; the standard weights keep the folded router for transformers and vLLM. DeepSeek's
     grouped routing is searched within its groups: every group keeps ``keep / n_group`` experts and
     merges only its own. ``started`` is the ``time.perf_counter()`` the budget counts from (default:
-    this call's start; the command line passes its own start, imports included)."""
+    this call's start; the command line passes its own start, imports included).
+
+    ``recover`` (plain text only) runs the recovery step (:mod:`moeshrink.surgery.recover`, ridge
+    ``recover_ridge``) on the best candidate before the export, fitted on ``recover_samples`` windows
+    of the text drawn as ``moeshrink prune`` draws its calibration; the time budget reserves for it."""
     started = time.perf_counter() if started is None else started
     if (task is None) == (calib is None):
         raise MoeShrinkError(
             "give the search's data: --calib FILE... (plain text) or --task (multiple-choice items), not both"
         )
+    if recover_ridge is not None and not recover:
+        raise MoeShrinkError("--recover-ridge sets the recover step's ridge: add --recover")
+    if recover and calib is None:
+        raise MoeShrinkError(
+            "--recover fits on calibration text: search with --calib FILE (a task's items are not calibration text)"
+        )
+    ridge = RECOVER_RIDGE if recover_ridge is None else float(recover_ridge)
+    if recover and not 0 < ridge <= RECOVER_RIDGE_MAX:
+        raise MoeShrinkError(f"--recover-ridge must be in (0, {RECOVER_RIDGE_MAX:g}], got {ridge:g}")
     path, config, adapter = open_checkpoint(model, output, overwrite, revision)
     refuse_quantized(path, "moeshrink search")
     num_experts = adapter.num_experts(config)
@@ -830,6 +858,11 @@ def search(
             ),
             None,
         )
+    recovery_ids = (
+        build_calibration(tokenizer, list(calib), recover_samples, seq_len, seed).input_ids
+        if recover
+        else None
+    )
     before = describe_model(model_, adapter)
     fitness = TaskFitness(model_, adapter, data, objective=settings.objective, batch_size=batch_size)
     selection = (
@@ -864,6 +897,8 @@ def search(
     # one evaluation runs the fitness tokens through the MoE layers, as seeding just did
     clock = Clock(per_evaluation=timings["seed"])
     reserve = export_reserve(timings["load"], timings["seed"], check and output is not None)
+    if recovery_ids is not None:  # recovery: about 8 forward passes of its tokens (docs/recovery.md)
+        reserve += 8 * timings["seed"] * recovery_ids.shape[0] / data.input_ids.shape[0]
     if time_budget is not None:
         clock.deadline = started + time_budget - reserve
         spent = time.perf_counter() - started
@@ -928,7 +963,21 @@ def search(
         routers = {i: dict(layer.router_tensors()) for i, layer in fitness.working.layers.items()}
         sidecars[TRANSFER_FILENAME] = transfer_state(routers, best.transfer)
         plan.method_options["exact_router"] = TRANSFER_FILENAME
-    apply_model_plan(model_, adapter, plan)
+    if recovery_ids is None:
+        apply_model_plan(model_, adapter, plan)
+    else:  # the plan as the experts step, then the recover step, in one pass over the layers
+        per_layer = {lp.layer: lp.num_experts_after for lp in plan.layers}
+        steps = [
+            ExpertsStep(method=PlannedExperts(plan), per_layer=per_layer, top_k=top_k),
+            RecoverStep(ridge=ridge),
+        ]
+        done, records = run_steps(
+            ResidentLayers(model_, adapter), steps, recovery_ids, batch_size=8, progress=progress
+        )
+        plan.recovery = record_recovery(plan.layers, done[1], records[1])
+        plan.calibration["recovery"] = {"samples": recover_samples, "seq_len": seq_len, "seed": seed}
+        top_ks = {lp.layer: lp.top_k or plan.top_k for lp in plan.layers}
+        update_config(model_, adapter, per_layer, top_ks)
     timings["fold"] = time.perf_counter() - t
     result = SearchResult(
         plan=plan,
