@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cost import _floor  # noqa: E402
-from quality import PRUNE_KEYS, parse_variant  # noqa: E402
+from quality import PRUNE_KEYS, RECOVER_KEYS, parse_variant  # noqa: E402
 
 from moeshrink.evaluate.suite import evaluate_model  # noqa: E402
 from moeshrink.io.checkpoint import load_model  # noqa: E402
@@ -47,6 +47,7 @@ SETTINGS: dict[str, dict] = {
     "patience 6": {"patience": 6},
     "fitness 16 windows": {"samples": 16},
     "fitness 32 windows": {"samples": 32},
+    "with recovery": {"recover": True},
 }
 
 
@@ -119,6 +120,9 @@ def main() -> None:
         if kind == "one-shot":
             method, options = parse_variant(name)
             extra = {k: options.pop(k) for k in PRUNE_KEYS if k in options}
+            recover = {k: options.pop(k) for k in RECOVER_KEYS if k in options}
+            if recover.pop("recover", False):  # e.g. reap:recover=true,recover_ridge=0.1
+                extra["steps"] = [{"recover": {k.removeprefix("recover_"): v for k, v in recover.items()}}]
             timing, result = _timed(
                 lambda method=method, options=options, extra=extra: prune(
                     model_dir,
