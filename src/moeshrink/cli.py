@@ -112,6 +112,13 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         help="recovery's ridge, relative to each fit's Gram diagonal, in (0, 100] (default 1, chosen on the validation split)",
     )
+    p.add_argument(
+        "--quantize",
+        metavar="SCHEME",
+        help="then quantize the output with llm-compressor on the same calibration tokens: FP8_DYNAMIC, W8A8 "
+        "(SmoothQuant + GPTQ, int8) or W4A16 (GPTQ, int4); one compressed-tensors checkpoint "
+        "(needs pip install 'moeshrink[quantize]'; docs/prune_then_quantize.md)",
+    )
     stream = p.add_mutually_exclusive_group()
     stream.add_argument(
         "--stream",

@@ -8,7 +8,11 @@ import importlib.util
 from moeshrink.errors import MoeShrinkError
 
 # Module -> (extra, distribution it comes from).
-EXTRA_MODULES = {"lm_eval": ("eval", "lm-eval"), "matplotlib": ("eval", "matplotlib")}
+EXTRA_MODULES = {
+    "lm_eval": ("eval", "lm-eval"),
+    "matplotlib": ("eval", "matplotlib"),
+    "llmcompressor": ("quantize", "llmcompressor"),
+}
 
 
 def has_module(module: str) -> bool:

@@ -1,7 +1,8 @@
 """One job description, built alike by the ``moeshrink`` command, YAML recipes and the Python API.
 
 A job is its run settings plus an ordered list of steps (``experts``, ``top_k``, ``recover``,
-``sparsify``, and ``stun`` as shorthand for STUN's two phases). The flat fields ``prune()`` and the command take
+``sparsify``, ``stun`` as shorthand for STUN's two phases, and last ``quantize``: the finished output
+handed to llm-compressor). The flat fields ``prune()`` and the command take
 (``method``, ``keep``, ``ratio``, ``top_k``, ``sparsity``, ...) are a shorthand for the same steps;
 given with a recipe that has steps, they override the matching step.
 
@@ -16,6 +17,7 @@ steps:
   - top_k: 1
   - recover: {ridge: 1.0}                # re-fit router rows and down projections (--recover)
   - sparsify: {sparsity: 0.5, method: wanda}
+  - quantize: {scheme: W4A16}            # then llm-compressor (--quantize; the quantize extra)
 ```
 
 :meth:`Job.check` validates the whole job against the weightless (meta) model — family, budget,
@@ -27,7 +29,9 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -71,8 +75,9 @@ from moeshrink.io.streaming import (
     estimate_output_bytes,
 )
 from moeshrink.methods import ExpertMethod, get_method
-from moeshrink.plan import LayerPlan, ModelPlan
+from moeshrink.plan import PLAN_FILENAME, LayerPlan, ModelPlan
 from moeshrink.quant import read_quantization
+from moeshrink.quant.oneshot import Scheme, check_quantize, check_scheme, quantize_output
 from moeshrink.quant.source import QuantizedCheckpoint, QuantizedLayers, check_quantized_job
 from moeshrink.report.model_card import model_card
 from moeshrink.runtime import compute_dtype
@@ -80,7 +85,7 @@ from moeshrink.sparsity.accounting import SparsityReport, count_sparsity
 from moeshrink.sparsity.layer import SparsitySpec, inside_sparsity, parse_scope, scoped_parameter_names
 from moeshrink.sparsity.masks import validate_sparsity
 from moeshrink.surgery import update_config
-from moeshrink.verify import verify_before_commit
+from moeshrink.verify import verify_before_commit, verify_checkpoint
 
 
 class ExpertsSpec(BaseModel):
@@ -136,6 +141,16 @@ class StunSpec(BaseModel):
     options: dict[str, Any] = {}
 
 
+class QuantizeSpec(BaseModel):
+    """After everything else: quantize the output with llm-compressor's ``oneshot`` (``scheme``: one of
+    :data:`moeshrink.quant.oneshot.SCHEMES`) on the same calibration tokens; ``ignore``: modules left
+    unquantized besides ``lm_head`` and the routers."""
+
+    model_config = ConfigDict(extra="forbid")
+    scheme: str
+    ignore: list[str] = []
+
+
 class Step(BaseModel):
     """One step of a recipe: exactly one of its fields is set."""
 
@@ -145,12 +160,13 @@ class Step(BaseModel):
     recover: RecoverSpec | None = None
     sparsify: SparsifySpec | None = None
     stun: StunSpec | None = None
+    quantize: QuantizeSpec | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Step:
         if sum(getattr(self, k) is not None for k in STEP_KINDS) != 1:
             raise ValueError(
-                "each step has exactly one kind: 'experts', 'top_k', 'recover', 'sparsify' or 'stun'"
+                "each step has exactly one kind: 'experts', 'top_k', 'recover', 'sparsify', 'stun' or 'quantize'"
             )
         return self
 
@@ -159,7 +175,7 @@ class Step(BaseModel):
         return next(k for k in STEP_KINDS if getattr(self, k) is not None)
 
 
-STEP_KINDS = ("experts", "top_k", "recover", "sparsify", "stun")
+STEP_KINDS = ("experts", "top_k", "recover", "sparsify", "stun", "quantize")
 
 
 # The flat shorthand: field -> (step kind, field of that step).
@@ -178,9 +194,10 @@ SHORTHAND = {
     "nm": ("sparsify", "nm"),
     "sparsity_scope": ("sparsify", "scope"),
     "owl_lambda": ("sparsify", "owl_lambda"),
+    "quantize": ("quantize", "scheme"),
 }
 # Shorthand fields that alone make a step (the others only qualify one).
-MAKES_STEP = {"method", "top_k", "sparsity", "total_sparsity", "nm", "recover"}
+MAKES_STEP = {"method", "top_k", "sparsity", "total_sparsity", "nm", "recover", "quantize"}
 
 
 def _fold_shorthand(data: dict[str, Any]) -> dict[str, Any]:
@@ -206,7 +223,7 @@ def _fold_shorthand(data: dict[str, Any]) -> dict[str, Any]:
     given = {k: v for k, v in given.items() if v is not None}
     if given.get("sparsity") == 0:
         given.pop("sparsity")
-    for kind in ("experts", "top_k", "recover", "sparsify"):
+    for kind in ("experts", "top_k", "recover", "sparsify", "quantize"):
         fields = {SHORTHAND[k][1]: v for k, v in given.items() if SHORTHAND[k][0] == kind}
         if not fields:
             continue
@@ -219,13 +236,13 @@ def _fold_shorthand(data: dict[str, Any]) -> dict[str, Any]:
                 existing["top_k"] = fields[None]
             else:  # before a recover step, which fits the routing as it will be
                 recover = [i for i, s in enumerate(steps) if "recover" in s]
-                steps.insert(recover[0] if recover else len(steps), {"top_k": fields[None]})
+                steps.insert(recover[0] if recover else _before_quantize(steps), {"top_k": fields[None]})
             continue
         if existing is None:
             if not MAKES_STEP & {k for k in given if SHORTHAND[k][0] == kind}:
                 continue
             existing = {kind: {}}
-            steps.insert(0 if kind == "experts" else len(steps), existing)
+            steps.insert(0 if kind == "experts" else _before_quantize(steps), existing)
         body = existing[kind] = dict(existing[kind])
         if kind == "experts" and ("keep" in fields or "ratio" in fields):  # one budget: the new one
             body.pop("keep", None)
@@ -234,6 +251,11 @@ def _fold_shorthand(data: dict[str, Any]) -> dict[str, Any]:
     if steps:
         data["steps"] = steps
     return data
+
+
+def _before_quantize(steps: list[dict[str, Any]]) -> int:
+    """Where a step added by the shorthand goes: last, but before a quantize step (which comes last)."""
+    return next((i for i, s in enumerate(steps) if "quantize" in s), len(steps))
 
 
 def _fold_recover(steps: list[dict[str, Any]], existing: dict | None, fields: dict[Any, Any]) -> None:
@@ -498,6 +520,8 @@ class CheckedJob:
     calib_dataset: DatasetName | None = None
     calib_field: str = "text"
     quantized: QuantizedCheckpoint | None = None  # a block-FP8 or compressed-tensors input (moeshrink.quant)
+    # the quantize step: the scheme and ignore list handed to llm-compressor (moeshrink.quant.oneshot)
+    quantize: tuple[Scheme, list[str]] | None = None
 
     def run(self) -> PruneResult:
         """Load -> calibrate -> run the steps -> update the config -> export."""
@@ -587,6 +611,8 @@ class CheckedJob:
                 verify = (
                     verify_before_commit(plan, card, reference, progress=job.progress) if job.verify else None
                 )
+                if self.quantize is not None:
+                    verify = self._quantize_before_commit(plan, card, verify, calibration)
                 if self.quantized is not None:  # the input's tensors, kept experts bit-exact
                     source.commit(
                         plan,
@@ -616,6 +642,34 @@ class CheckedJob:
         timings["total"] = time.perf_counter() - start
         result.seconds = timings
         return result
+
+    def _quantize_before_commit(self, plan: ModelPlan, card, verify, calibration) -> Callable[[Path], None]:
+        """The last thing done to the finished temporary output: verify the pruned export (as every job
+        does), quantize it in place with llm-compressor, record that in the plan and card, and check the
+        quantized checkpoint in a fresh process; a failure leaves nothing written."""
+        scheme, ignore = self.quantize
+        job = self.job
+
+        def quantize(directory: Path) -> None:
+            if verify is not None:
+                verify(directory)
+            input_ids = calibration.input_ids if calibration is not None else None
+            plan.quantization = quantize_output(directory, scheme, ignore, input_ids, progress=job.progress)
+            if job.verify:
+                verification = verify_checkpoint(directory)
+                plan.quantization["verification"] = verification.to_dict()
+                if job.progress:
+                    print(verification.to_text(), file=sys.stderr)
+                if verification.failed:
+                    raise MoeShrinkError(
+                        "the quantized output failed verification and was not written: "
+                        + "; ".join(c.to_text() for c in verification.failed)
+                        + " (--no-verify writes it without checking)"
+                    )
+            plan.save(directory / PLAN_FILENAME)
+            (directory / "README.md").write_text(card(plan))
+
+        return quantize
 
     def _plan(
         self, steps: list[LayerStep], records: list[dict[int, Any]], calibration, compute: torch.dtype
@@ -684,8 +738,10 @@ def check_job(job: Job) -> CheckedJob:
     top_k_given = job.step_of("top_k")
     sparsify_given = job.step_of("sparsify")
     recover_given = job.step_of("recover")
+    quantize_given = job.step_of("quantize")
     if recover_given is not None:
         _check_recover_order(job, experts_spec)
+    quantize_scheme = _check_quantize_step(job, quantize_given, scheme, experts_spec)
     if experts_spec is None:
         raise MoeShrinkError("no method given: pass --method NAME (or 'method:' in the recipe)")
     method = get_method(experts_spec.method, seed=job.seed, **experts_spec.options)
@@ -704,8 +760,15 @@ def check_job(job: Job) -> CheckedJob:
         keep = resolve_keep(num_experts, experts_spec.keep, experts_spec.ratio)
         adapter.check_budget(config, keep, top_k)
     spec = sparsify_spec(sparsify_given) if sparsify_given is not None else None
-    if method.name == "none" and spec is None and top_k == int(config.num_experts_per_tok):
-        raise MoeShrinkError("method 'none' with no --sparsity, --nm or --top-k change would change nothing")
+    if (
+        method.name == "none"
+        and spec is None
+        and top_k == int(config.num_experts_per_tok)
+        and quantize_given is None
+    ):
+        raise MoeShrinkError(
+            "method 'none' with no --sparsity, --nm, --top-k change or --quantize would change nothing"
+        )
     device = check_device(job.device)
     if experts_spec.global_budget and method.name == "none":
         raise MoeShrinkError(
@@ -723,10 +786,16 @@ def check_job(job: Job) -> CheckedJob:
         uniform = dict.fromkeys(range(int(config.num_hidden_layers)), keep)
         inside_sparsity(skeleton, adapter, spec.scope, uniform, sparsify_given.total_sparsity)
     wants_data = spec is not None and spec.uses_wanda
+    quantize_data = quantize_scheme is not None and quantize_scheme.calibrates
     calib_paths, calib_dataset, calib_field = None, None, "text"
-    if method.needs or wants_data or experts_spec.global_budget or recover_given is not None:
+    if method.needs or wants_data or experts_spec.global_budget or recover_given is not None or quantize_data:
         calib_paths, calib_dataset, calib_field = _check_calibration(
-            job, method, experts_spec.global_budget, path, recover_given is not None
+            job,
+            method,
+            experts_spec.global_budget,
+            path,
+            recover_given is not None,
+            quantize_scheme if quantize_data else None,
         )
         positions = getattr(config, "max_position_embeddings", None)
         if positions is not None and job.seq_len > int(positions):
@@ -734,12 +803,19 @@ def check_job(job: Job) -> CheckedJob:
                 f"--seq-len {job.seq_len} is longer than the {positions} positions this model was built for: "
                 f"calibrate with --seq-len {positions} or less"
             )
+    quantize = None
+    if quantize_given is not None:  # the scheme's group size divides every weight; the extra installed
+        quantize = check_quantize(quantize_scheme.preset, adapter, skeleton, quantize_given.ignore)
     reader = ShardReader(path)  # every shard present and complete, before anything is written
     if job.output is not None:
         refit = recover_given is not None or bool(
             getattr(getattr(method, "settings", None), "reconstruct", False)
         )
         estimate = estimate_output_bytes(reader, adapter, config, keep, dtype=job.dtype, refit=refit)
+        if (
+            quantize is not None
+        ):  # the quantized weights are written beside the pruned ones, then replace them
+            estimate = int(estimate * 1.6)
         check_free_disk(job.output, estimate)
     stream = choose_streaming(
         job.stream,
@@ -787,6 +863,8 @@ def check_job(job: Job) -> CheckedJob:
             steps.append(TopKStep(top_k))
         elif s.kind == "recover":
             steps.append(RecoverStep(ridge=s.recover.ridge, router=s.recover.router, down=s.recover.down))
+        elif s.kind == "quantize":  # not a layer step: it runs on the finished output
+            continue
         else:
             steps.append(SparsifyStep(spec, total=sparsify_given.total_sparsity))
     return CheckedJob(
@@ -804,6 +882,7 @@ def check_job(job: Job) -> CheckedJob:
         stream=stream,
         device=device,
         quantized=quantized,
+        quantize=quantize,
         calib_paths=calib_paths,
         calib_dataset=calib_dataset,
         calib_field=calib_field,
@@ -827,13 +906,48 @@ def _check_recover_order(job: Job, experts_spec: ExpertsSpec | None) -> None:
         )
 
 
+def _check_quantize_step(
+    job: Job, given: QuantizeSpec | None, input_scheme: Any, experts_spec: ExpertsSpec | None
+) -> Scheme | None:
+    """A quantize step: a scheme moeshrink hands to llm-compressor, last in the job, on an input that is
+    not quantized already, with a uniform budget (llm-compressor loads standard checkpoints) and an
+    output directory. The extra and the group sizes are checked once the model's shape is known."""
+    if given is None:
+        return None
+    scheme = check_scheme(given.scheme)
+    if job.steps[-1].kind != "quantize":
+        raise MoeShrinkError("put the quantize step last: it quantizes the finished output")
+    if input_scheme is not None:
+        raise MoeShrinkError(
+            f"--quantize {scheme.preset}: the input is quantized already ({input_scheme.name}); prune it without "
+            "--quantize (its kept experts are copied bit-exact), or quantize the unquantized original"
+        )
+    if experts_spec is not None and experts_spec.global_budget:
+        raise MoeShrinkError(
+            f"--quantize {scheme.preset} hands the output to llm-compressor, which loads standard checkpoints; a "
+            "global budget writes per-layer expert counts: drop --global-budget (a uniform --keep)"
+        )
+    if job.output is None:
+        raise MoeShrinkError(
+            f"--quantize {scheme.preset} writes a compressed-tensors checkpoint: give an output directory (-o OUT)"
+        )
+    return scheme
+
+
 def _check_calibration(
-    job: Job, method: ExpertMethod, global_budget: bool, path: Path, recover: bool = False
+    job: Job,
+    method: ExpertMethod,
+    global_budget: bool,
+    path: Path,
+    recover: bool = False,
+    quantize: Scheme | None = None,
 ) -> tuple[list[str | Path] | None, DatasetName | None, str]:
     """The calibration files (checked to exist) or named dataset (resolved, its rows not loaded), the
     field, and the tokenizer (checked to be there, with a chat template when one is asked for)."""
     if not job.calib and not job.calib_dataset:
         who = "recovery" if recover and not method.needs else f"method '{method.name}'"
+        if quantize is not None and not method.needs and not recover and not global_budget:
+            who = f"--quantize {quantize.preset} ({quantize.algorithm})"
         raise MoeShrinkError(
             f"{who}{' with a global budget' if global_budget else ''} needs calibration "
             "text: pass --calib FILE or --calib-dataset NAME"
@@ -862,6 +976,7 @@ __all__ = [
     "ExpertsSpec",
     "Job",
     "PruneResult",
+    "QuantizeSpec",
     "RecoverSpec",
     "SparsifySpec",
     "Step",

@@ -155,6 +155,8 @@ class ModelPlan(BaseModel):
     verification: dict[str, Any] | None = None
     # Serving cost measured where it is served (moeshrink.verify.serving): engine, device, rows, ratios.
     serving: dict[str, Any] | None = None
+    # The quantize step after pruning (moeshrink.quant.oneshot): scheme, ignore list, library versions.
+    quantization: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> ModelPlan:

@@ -10,6 +10,7 @@ from moeshrink.info import ModelInfo
 from moeshrink.io.hub import is_hub_id
 from moeshrink.plan import PLAN_FILENAME, ModelPlan
 from moeshrink.quant import card_lines
+from moeshrink.quant.oneshot import card_lines as quantization_lines
 from moeshrink.sparsity.accounting import DENSE_NOTE, SparsityReport
 from moeshrink.verify.serving import serving_lines
 
@@ -66,6 +67,7 @@ def model_card(
             "",
         ]
     lines += recovery_lines(plan)
+    lines += quantization_lines(plan.quantization, after.bytes)
     lines += [
         "Which old experts make each new one is in "
         f"[`{PLAN_FILENAME}`]({PLAN_FILENAME}); "
