@@ -272,3 +272,19 @@ def test_the_quantized_output_is_verified_in_a_fresh_process(shaped, calib_file,
     assert check["status"] == "pass" and "compressed-tensors" in check["detail"]
     assert result.plan.verification["transformers"]["status"] == "pass"  # the export before quantizing
     assert "in a fresh process: transformers: pass" in (out / "README.md").read_text()
+
+
+@pytest.mark.quantize
+@needs_llmcompressor
+def test_a_streamed_job_is_quantized_too(shaped, calib_file, tmp_path):
+    """Streaming writes the pruned layers one at a time; the quantize step then loads the pruned output."""
+    out = tmp_path / "out"
+    moeshrink.prune(
+        str(shaped["deepseek_v3"]), "frequency", keep=4, calib=calib_file, samples=8, seq_len=32, output=out,
+        stream=True, quantize="FP8_DYNAMIC", progress=False,
+    )  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "float-quantized" and config["n_routed_experts"] == 4
+    assert ModelPlan.load(out / PLAN_FILENAME).quantization["scheme"] == "FP8_DYNAMIC"
+    loaded = load_model(out).model
+    assert [layer.num_experts for layer in get_adapter(loaded.config).moe_layers(loaded)] == [4, 4]
