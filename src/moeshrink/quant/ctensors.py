@@ -29,7 +29,7 @@ import torch
 
 from moeshrink.errors import MoeShrinkError
 from moeshrink.quant import CompressedTensorsScheme, WeightGroup
-from moeshrink.quant.fp8 import FP8_NAME, OTHER_FP8, SCALE_DTYPES, expand_blocks, read_header
+from moeshrink.quant.fp8 import FP8_MAX, FP8_NAME, OTHER_FP8, SCALE_DTYPES, expand_blocks, read_header
 
 # The tensors compressed-tensors adds to a module (never parameters of the dense model).
 WEIGHT_PARAMS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
@@ -88,6 +88,80 @@ def scale_shape(group: WeightGroup, rows: int, cols: int) -> tuple[int, ...]:
         return (rows, math.ceil(cols / group.group_size))
     assert group.block is not None
     return (math.ceil(rows / group.block[0]), math.ceil(cols / group.block[1]))
+
+
+def quantize(
+    weight: torch.Tensor, group: WeightGroup, scale_dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """One Linear's compressed tensors in ``group``'s layout (local names, as
+    ``compressed_tensors.compressors`` names them): min-max scales (llm-compressor's default observer
+    for its presets) rounded to ``scale_dtype`` (default: the weight's dtype, as the package does),
+    the values divided in the weight's dtype (the package's arithmetic: the same bits, tested against
+    it in ``tests/vllm/test_ctensors_package.py``). The one quantization of this module: the test
+    checkpoints (``moeshrink.testbed.ctensors``) and re-quantized experts (``moeshrink.quant.requant``)."""
+    rows, cols = weight.shape
+    w = weight.float()
+    if group.strategy == "group" and cols > group.group_size and cols % group.group_size:
+        raise MoeShrinkError(
+            f"a [{rows}, {cols}] weight cannot be quantized in groups of {group.group_size} columns (not a "
+            "multiple): compressed-tensors needs whole groups; choose a group_size that divides the columns"
+        )
+    if group.strategy == "block":
+        assert group.block is not None
+        block = group.block
+        tiles = scale_shape(group, rows, cols)
+        padded = torch.zeros(tiles[0] * block[0], tiles[1] * block[1])
+        padded[:rows, :cols] = w.abs()
+        amax = padded.unflatten(1, (tiles[1], block[1])).unflatten(0, (tiles[0], block[0])).amax(dim=(1, 3))
+        lo, hi = -amax, amax
+
+        def expand(t: torch.Tensor) -> torch.Tensor:
+            return expand_blocks(t, rows, cols, block)
+
+    else:
+        size = min(group.group_size or cols, cols)
+        if group.strategy == "tensor":
+            view = w.reshape(1, 1, -1)
+        elif group.strategy == "channel":
+            view = w.reshape(rows, 1, cols)
+        else:
+            view = w.reshape(rows, -1, size)
+        lo, hi = view.amin(-1).clamp(max=0), view.amax(-1).clamp(min=0)
+        shape = scale_shape(group, rows, cols)
+        lo, hi = lo.reshape(shape), hi.reshape(shape)
+
+        def expand(t: torch.Tensor) -> torch.Tensor:
+            if group.strategy == "tensor":
+                return t.reshape(1, 1)
+            if group.strategy == "channel":
+                return t
+            return t.repeat_interleave(size, dim=1)[:, :cols]
+
+    dtype = scale_dtype or weight.dtype  # the package quantizes in the weight's dtype: so does this
+    if group.type == "float":
+        scale = (torch.maximum(hi, -lo) / FP8_MAX).clamp(min=1e-12).to(dtype)
+        q = (weight / expand(scale)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return {"weight": q, "weight_scale": scale}
+    qmin, qmax = -(1 << (group.num_bits - 1)), (1 << (group.num_bits - 1)) - 1
+    out: dict[str, torch.Tensor] = {}
+    if group.symmetric:
+        scale = (torch.maximum(hi, -lo) * 2 / (qmax - qmin)).clamp(min=1e-12).to(dtype)
+        q = torch.round((weight / expand(scale)).clamp(qmin, qmax)).to(torch.int8)
+    else:
+        scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-12).to(dtype)
+        zero = torch.round(qmin - lo / scale.float()).clamp(qmin, qmax).to(torch.int8)
+        q = torch.round((weight / expand(scale) + expand(zero).to(weight.dtype)).clamp(qmin, qmax)).to(torch.int8)
+    out["weight_scale"] = scale
+    if group.format == "pack-quantized":
+        out["weight_packed"] = pack_int32(q, group.num_bits)
+        out["weight_shape"] = torch.tensor([rows, cols], dtype=torch.int64)
+        if not group.symmetric:
+            out["weight_zero_point"] = pack_int32(zero, group.num_bits, dim=0)
+    else:
+        out["weight"] = q
+        if not group.symmetric:
+            out["weight_zero_point"] = zero
+    return out
 
 
 def _expand_to(
@@ -363,6 +437,7 @@ __all__ = [
     "dequantize",
     "group_of",
     "pack_int32",
+    "quantize",
     "scale_shape",
     "unpack_int32",
 ]

@@ -52,9 +52,13 @@ def dequantize(
     return (weight.float() * expand_blocks(scale_inv.float(), rows, cols, block)).to(dtype)
 
 
-def quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight`` as float8_e4m3fn and its float32 ``weight_scale_inv`` per ``block`` tile (each tile's
-    largest magnitude maps to the format's largest value, 448), as DeepSeek-V3's conversion does."""
+def quantize(
+    weight: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` as float8_e4m3fn and its ``weight_scale_inv`` per ``block`` tile (each tile's
+    largest magnitude maps to the format's largest value, 448), as DeepSeek-V3's conversion does; the
+    scale is rounded to ``scale_dtype`` (float32 in DeepSeek-V3, bfloat16 in the Qwen3 FP8 releases)
+    before the weight is divided by it, so the stored pair dequantizes as it was computed."""
     rows, cols = weight.shape[-2:]
     tiles = scale_shape(weight.shape, block)
     padded = torch.zeros(*weight.shape[:-2], tiles[-2] * block[0], tiles[-1] * block[1], dtype=torch.float32)
@@ -65,9 +69,11 @@ def quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor
         .abs()
         .amax(dim=(-3, -1))
     )
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(scale_dtype)
     quantized = (
-        (weight.float() / expand_blocks(scale, rows, cols, block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        (weight.float() / expand_blocks(scale.float(), rows, cols, block))
+        .clamp(-FP8_MAX, FP8_MAX)
+        .to(FP8_DTYPE)
     )
     return quantized.contiguous(), scale.contiguous()
 

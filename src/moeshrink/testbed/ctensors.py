@@ -27,8 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeshrink.quant import WeightGroup
-from moeshrink.quant.ctensors import pack_int32, scale_shape
-from moeshrink.quant.fp8 import FP8_MAX, expand_blocks
+from moeshrink.quant.ctensors import quantize as compress_weight  # the one implementation (re-exported)
 
 _FLOAT8 = {"num_bits": 8, "type": "float", "symmetric": True}
 _TOKEN = {"strategy": "token", "dynamic": True, "group_size": None, "block_structure": None}
@@ -126,69 +125,6 @@ def quantization_config(
         "transform_config": {},
         "version": "0.17.0",
     }
-
-
-def compress_weight(weight: torch.Tensor, group: WeightGroup) -> dict[str, torch.Tensor]:
-    """One Linear's compressed tensors (local names, as ``compressed_tensors.compressors`` names them),
-    scales in the weight's dtype from each group's minimum and maximum."""
-    rows, cols = weight.shape
-    w = weight.float()
-    if group.strategy == "block":
-        assert group.block is not None
-        tiles = scale_shape(group, rows, cols)
-        amax = torch.zeros(tiles)
-        for i in range(tiles[0]):
-            for j in range(tiles[1]):
-                tile = w[
-                    i * group.block[0] : (i + 1) * group.block[0],
-                    j * group.block[1] : (j + 1) * group.block[1],
-                ]
-                amax[i, j] = tile.abs().amax()
-        lo, hi = -amax, amax
-        expand = lambda t: expand_blocks(t, rows, cols, group.block)  # noqa: E731
-    else:
-        if group.strategy == "tensor":
-            view = w.reshape(1, 1, -1)
-        elif group.strategy == "channel":
-            view = w.reshape(rows, 1, cols)
-        else:
-            view = w.reshape(rows, -1, group.group_size)
-        lo, hi = view.amin(-1).clamp(max=0), view.amax(-1).clamp(min=0)
-        shape = scale_shape(group, rows, cols)
-        lo, hi = lo.reshape(shape), hi.reshape(shape)
-
-        def expand(t: torch.Tensor) -> torch.Tensor:
-            if group.strategy == "tensor":
-                return t.reshape(1, 1)
-            if group.strategy == "channel":
-                return t
-            return t.repeat_interleave(group.group_size, dim=1)[:, :cols]
-
-    dtype = weight.dtype  # the package quantizes in the weight's dtype: so does this, to the same bits
-    if group.type == "float":
-        scale = (torch.maximum(hi, -lo) / FP8_MAX).clamp(min=1e-12).to(dtype)
-        q = (weight / expand(scale)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        return {"weight": q, "weight_scale": scale}
-    qmin, qmax = -(1 << (group.num_bits - 1)), (1 << (group.num_bits - 1)) - 1
-    out: dict[str, torch.Tensor] = {}
-    if group.symmetric:
-        scale = (torch.maximum(hi, -lo) * 2 / (qmax - qmin)).clamp(min=1e-12).to(dtype)
-        q = torch.round((weight / expand(scale)).clamp(qmin, qmax)).to(torch.int8)
-    else:
-        scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-12).to(dtype)
-        zero = torch.round(qmin - lo / scale.float()).clamp(qmin, qmax).to(torch.int8)
-        q = torch.round((weight / expand(scale) + expand(zero).to(dtype)).clamp(qmin, qmax)).to(torch.int8)
-    out["weight_scale"] = scale
-    if group.format == "pack-quantized":
-        out["weight_packed"] = pack_int32(q, group.num_bits)
-        out["weight_shape"] = torch.tensor([rows, cols], dtype=torch.int64)
-        if not group.symmetric:
-            out["weight_zero_point"] = pack_int32(zero, group.num_bits, dim=0)
-    else:
-        out["weight"] = q
-        if not group.symmetric:
-            out["weight_zero_point"] = zero
-    return out
 
 
 def _is_router(module: str) -> bool:
