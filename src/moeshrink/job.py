@@ -522,6 +522,7 @@ class CheckedJob:
     quantized: QuantizedCheckpoint | None = None  # a block-FP8 or compressed-tensors input (moeshrink.quant)
     # the quantize step: the scheme and ignore list handed to llm-compressor (moeshrink.quant.oneshot)
     quantize: tuple[Scheme, list[str]] | None = None
+    requantize: bool = False  # the job changes weights of the quantized input: re-quantized on export
 
     def run(self) -> PruneResult:
         """Load -> calibrate -> run the steps -> update the config -> export."""
@@ -554,6 +555,9 @@ class CheckedJob:
                 self.quantized,
                 job.dtype,
                 resident=not self.stream,
+                requantize=self.requantize,
+                count_zeros=sparsifies and self.stream,
+                spill=None if job.output is None else Path(job.output).absolute().parent,
             )
             if not self.stream:
                 source.load_all()
@@ -607,7 +611,8 @@ class CheckedJob:
                     return model_card(plan, before, after, name, result.sparsity)
 
                 # a streamed model is a skeleton: the fresh-process load is checked, not compared
-                reference = None if self.stream else source.model
+                # a re-quantized output differs from the computed model by the re-quantization error (recorded)
+                reference = None if self.stream or self.requantize else source.model
                 verify = (
                     verify_before_commit(plan, card, reference, progress=job.progress) if job.verify else None
                 )
@@ -619,7 +624,7 @@ class CheckedJob:
                         job.output,
                         overwrite=job.overwrite,
                         tokenizer=tokenizer,
-                        model_card=card(plan),
+                        model_card=card,
                         before_commit=verify,
                     )
                 elif self.stream:
@@ -823,19 +828,15 @@ def check_job(job: Job) -> CheckedJob:
         job.output,
         {"OWL": spec is not None and spec.method == "owl", "torchrun": distributed.world_size() > 1},
     )
-    quantized = None
-    if scheme is not None and recover_given is not None:
-        raise MoeShrinkError(
-            "a block-FP8 checkpoint is only pruned here (kept experts copied bit-exact): recovery re-fits "
-            "weights; drop --recover"
-        )
+    quantized, requantize = None, False
     if scheme is not None:
-        quantized, stream = check_quantized_job(
+        quantized, stream, requantize = check_quantized_job(
             path,
             scheme,
             reader,
             method=method,
             sparsifies=spec is not None,
+            recovers=recover_given is not None,
             stream=job.stream,
             output=job.output,
             world_size=distributed.world_size(),
@@ -883,6 +884,7 @@ def check_job(job: Job) -> CheckedJob:
         device=device,
         quantized=quantized,
         quantize=quantize,
+        requantize=requantize,
         calib_paths=calib_paths,
         calib_dataset=calib_dataset,
         calib_field=calib_field,

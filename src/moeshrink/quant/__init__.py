@@ -322,10 +322,25 @@ def card_lines(quantization: dict[str, Any] | None) -> list[str]:
             f"{name}: {g.get('format')} {g.get('weights')} {g.get('strategy')}"
             for name, g in (quantization.get("groups") or {}).items()
         )
+    requantized = quantization.get("requantization") or {}
+    if requantized.get("tensors"):
+        kept = requantized.get("kept_scales", 0)
+        how = (
+            f"{requantized['tensors']:,} tensors the job changed (merged, re-fitted or sparsified experts) were "
+            f"dequantized, computed and re-quantized in the same scheme and layout ({kept:,} of them zeros only: "
+            "the input's scales kept, exact); relative Frobenius error of the written weights against the "
+            f"computed ones: mean {requantized['mean_relative_error']:.4f}, largest "
+            f"{requantized['max_relative_error']:.4f} (per layer in the plan). Every other tensor (quantized "
+            "weights and their scales) is the input's bytes, unchanged; the router rows are the plan's rows of the "
+            "input's router (the fitted rows where recovery re-fitted them); "
+        )
+    else:
+        how = (
+            "kept as the input stores it: every tensor of a kept expert (quantized weights and their scales) is "
+            "the input's bytes, unchanged, and the router rows are the input's rows; "
+        )
     return [
-        f"Quantization: {quantization.get('scheme')} ({detail}), "
-        "kept as the input stores it: every tensor of a kept expert (quantized weights and their scales) is the "
-        "input's bytes, unchanged, and the router rows are the input's rows; the bytes row above counts the "
+        f"Quantization: {quantization.get('scheme')} ({detail}), {how}the bytes row above counts the "
         f"model dequantized as it was computed.{sizes} (`moeshrink apply` does not re-apply a plan to a "
         "quantized checkpoint yet: prune the original again with the same options.)",
         "",
