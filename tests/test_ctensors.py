@@ -361,19 +361,6 @@ def test_an_ignore_regex_naming_an_expert_is_refused(ct, calib_file, tmp_path):
         _prune(model, calib_file, tmp_path / "out")
 
 
-@pytest.mark.parametrize(
-    "fields, expected",
-    [
-        ({"method": "msmoe"}, "is compressed-tensors: method 'msmoe' merges experts"),
-        ({"sparsity": 0.5}, "is compressed-tensors: sparsity inside its experts"),
-    ],
-)
-def test_merging_and_sparsity_are_refused(fields, expected, ct, calib_file, tmp_path):
-    with pytest.raises(MoeShrinkError, match=expected):
-        _prune(ct["mixtral-w4a16"], calib_file, tmp_path / "out", **fields)
-    assert not (tmp_path / "out").exists()
-
-
 def test_apply_is_refused(ct, calib_file, tmp_path):
     plan = _prune(ct["mixtral-w4a16"], calib_file, tmp_path / "out").plan
     with pytest.raises(

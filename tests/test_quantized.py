@@ -327,21 +327,6 @@ def test_bad_scales_are_refused(change, expected, fp8, calib_file, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(
-    "fields, expected",
-    [
-        ({"method": "msmoe"}, "method 'msmoe' merges experts"),
-        ({"method": "stun", "method_options": {"mode": "average"}}, "method 'stun' merges experts"),
-        ({"method": "stun"}, "stun with --option mode=representative"),  # averaging is the default
-        ({"sparsity": 0.5}, "sparsity inside its experts"),
-    ],
-)
-def test_merging_and_sparsity_are_refused(fields, expected, fp8, calib_file, tmp_path):
-    with pytest.raises(MoeShrinkError, match=expected):
-        _prune(fp8["mixtral"], calib_file, tmp_path / "out", **fields)
-    assert not (tmp_path / "out").exists()
-
-
 def test_apply_is_refused(fp8, calib_file, tmp_path):
     plan = _prune(fp8["mixtral"], calib_file, tmp_path / "out").plan
     with pytest.raises(MoeShrinkError, match="'moeshrink apply' does not work on quantized"):

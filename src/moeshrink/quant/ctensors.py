@@ -150,7 +150,9 @@ def quantize(
     else:
         scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-12).to(dtype)
         zero = torch.round(qmin - lo / scale.float()).clamp(qmin, qmax).to(torch.int8)
-        q = torch.round((weight / expand(scale) + expand(zero).to(weight.dtype)).clamp(qmin, qmax)).to(torch.int8)
+        q = torch.round((weight / expand(scale) + expand(zero).to(weight.dtype)).clamp(qmin, qmax)).to(
+            torch.int8
+        )
     out["weight_scale"] = scale
     if group.format == "pack-quantized":
         out["weight_packed"] = pack_int32(q, group.num_bits)

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moeshrink.quant import BlockFP8Scheme
+from moeshrink.quant import BlockFP8Scheme, fp8
 from moeshrink.quant import ctensors as ct
-from moeshrink.quant import fp8
 
 
 @dataclass
@@ -41,8 +40,13 @@ class Requantized:
 
 
 def digest(tensor: torch.Tensor) -> bytes:
-    """A fingerprint of a tensor's dtype, shape and bytes (equal digests: bit-identical tensors)."""
-    t = tensor.detach().contiguous().reshape(-1)
+    """A fingerprint of a tensor's dtype, shape and values (equal digests: bit-identical tensors, but
+    for the sign of zeros: a kept expert that went through a merge's arithmetic as a cluster of one,
+    ``0.0 + 1.0 * w``, has lost its -0.0 entries and is still the expert it was)."""
+    t = tensor.detach()
+    if t.is_floating_point():
+        t = t + 0.0  # -0.0 + 0.0 = +0.0
+    t = t.contiguous().reshape(-1)
     h = hashlib.blake2b(f"{t.dtype}{tuple(tensor.shape)}".encode(), digest_size=16)
     h.update(t.view(torch.uint8).numpy().tobytes())
     return h.digest()
@@ -57,7 +61,9 @@ def dequantize_module(
     """The real weight of input ``module`` (``stored``: its tensors by local name) in ``storage``, as
     the checkpoint's ``dequantize_state`` computes it."""
     if isinstance(checkpoint.scheme, BlockFP8Scheme):
-        return fp8.dequantize(stored["weight"], stored["weight" + fp8.SCALE_SUFFIX], checkpoint.scheme.block, storage)
+        return fp8.dequantize(
+            stored["weight"], stored["weight" + fp8.SCALE_SUFFIX], checkpoint.scheme.block, storage
+        )
     layout = checkpoint.modules[module]
     return ct.dequantize(
         layout.group,

@@ -46,12 +46,18 @@ from moeshrink.io.streaming import ShardReader, ShardWriter, StreamedLayers
 from moeshrink.methods import ExpertMethod
 from moeshrink.methods.merging import MergeMethod
 from moeshrink.plan import LayerPlan, ModelPlan, NewExpert
-from moeshrink.quant import IGNORE_KEYS, BlockFP8Scheme, CompressedTensorsScheme, QuantScheme, read_quantization
+from moeshrink.quant import (
+    IGNORE_KEYS,
+    BlockFP8Scheme,
+    CompressedTensorsScheme,
+    QuantScheme,
+    read_quantization,
+)
 from moeshrink.quant.ctensors import AUXILIARY, CompressedTensorsCheckpoint
 from moeshrink.quant.fp8 import SCALE_SUFFIX, BlockFP8Checkpoint
 from moeshrink.quant.requant import digest, requantize, summarize
-from moeshrink.sparsity.accounting import layer_of, tensor_sparsity
 from moeshrink.serving import serving_architectures
+from moeshrink.sparsity.accounting import layer_of, tensor_sparsity
 from moeshrink.surgery import set_top_k
 from moeshrink.surgery.apply import TOP_K_PER_LAYER_KEY
 
@@ -198,7 +204,8 @@ class QuantizedLayers(StreamedLayers):
                 self._records[index] = self._record(index, spill=True)
             if self.zero_counts is not None:
                 self.zero_counts += [
-                    tensor_sparsity(self.prefixes[index] + n, p) for n, p in self.layers[index].named_parameters()
+                    tensor_sparsity(self.prefixes[index] + n, p)
+                    for n, p in self.layers[index].named_parameters()
                 ]
             self.released.add(index)
         super().release(index, write=False)
@@ -295,7 +302,9 @@ class QuantizedLayers(StreamedLayers):
         module, _, suffix = name.rpartition(".")
         if module in self.fp8.quantized_modules:
             fp8_params = ("weight", "weight" + SCALE_SUFFIX)
-            if suffix in (fp8_params if isinstance(self.fp8.scheme, BlockFP8Scheme) else ("weight", *AUXILIARY)):
+            if suffix in (
+                fp8_params if isinstance(self.fp8.scheme, BlockFP8Scheme) else ("weight", *AUXILIARY)
+            ):
                 return module, "q"
         if suffix == "weight":
             return module, "p"
@@ -371,7 +380,9 @@ class QuantizedLayers(StreamedLayers):
             )
         written = self._written.setdefault(index, [])
         for new, expert in enumerate(plan.experts):
-            live = [s for s, w in zip(expert.sources, expert.weights, strict=True) if w != 0] or expert.sources[:1]
+            live = [
+                s for s, w in zip(expert.sources, expert.weights, strict=True) if w != 0
+            ] or expert.sources[:1]
             copy = copied_source(expert)
             tails = list(dict.fromkeys(t for s in live for t in by_old[s]))
             for head, tail in tails:
@@ -381,7 +392,13 @@ class QuantizedLayers(StreamedLayers):
                 got = record.digests.get(dense) if record is not None else None
                 order = ([copy] if copy is not None else []) + sorted(by_old)
 
-                def matches(old: int, head: str = head, tail: str = tail, got: bytes | None = got) -> bool:
+                def matches(
+                    old: int,
+                    head: str = head,
+                    tail: str = tail,
+                    got: bytes | None = got,
+                    copy: int | None = copy,
+                ) -> bool:
                     if (head, tail) not in by_old[old]:
                         return False
                     if record is None:  # a layer the job did not visit: kept experts only
@@ -397,7 +414,11 @@ class QuantizedLayers(StreamedLayers):
                     written.append((head, tail, new, kind == "q", [same]))
                     continue
                 layout = next(
-                    (by_old[s][(head, tail)] for s in live if by_old[s].get((head, tail), ("", ""))[1] == "q"),
+                    (
+                        by_old[s][(head, tail)]
+                        for s in live
+                        if by_old[s].get((head, tail), ("", ""))[1] == "q"
+                    ),
                     next(by_old[s][(head, tail)] for s in live if (head, tail) in by_old[s]),
                 )
                 assert record is not None
@@ -543,7 +564,9 @@ class QuantizedLayers(StreamedLayers):
         quant = dict(scheme.config)
         for key in IGNORE_KEYS:
             if isinstance(quant.get(key), list):
-                quant[key] = self._renumber(quant[key]) if self.requantize else renumber_ignored(quant[key], plans)
+                quant[key] = (
+                    self._renumber(quant[key]) if self.requantize else renumber_ignored(quant[key], plans)
+                )
         if isinstance(scheme, CompressedTensorsScheme) and not self.requantize:  # per-module targets too
             quant["config_groups"] = {
                 name: dict(group, targets=renumber_ignored(group["targets"], plans))
@@ -632,7 +655,8 @@ def check_requantizable(path: Path, checkpoint: QuantizedCheckpoint, operation: 
         static = sorted(
             name
             for name in checkpoint.tensors
-            if name.rpartition(".")[2] in ("input_scale", "input_zero_point", "output_scale", "output_zero_point")
+            if name.rpartition(".")[2]
+            in ("input_scale", "input_zero_point", "output_scale", "output_zero_point")
         )
         groups = [
             g

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from moeshrink.quant import WeightGroup
 from moeshrink.quant.ctensors import quantize as compress_weight  # the one implementation (re-exported)
 
 _FLOAT8 = {"num_bits": 8, "type": "float", "symmetric": True}
