@@ -129,6 +129,42 @@ def test_transformers_loads_a_pruned_output(preset, pruned):
         assert diff <= 1e-5, diff
 
 
+@pytest.mark.parametrize("preset", ["W4A16", "FP8_DYNAMIC"])
+def test_transformers_loads_a_merged_output(preset, tmp_path, calib_file):
+    """A merged output (M-SMoE: experts dequantized, merged, re-fitted and re-quantized by moeshrink in
+    the input's scheme) is decompressed by transformers with the package to moeshrink's loader's
+    weights, bit for bit: the re-quantized tensors are in the package's own format."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    import moeshrink
+    from moeshrink.io.checkpoint import load_model
+    from moeshrink.testbed.ctensors import write_compressed_tensors
+    from moeshrink.testbed.tiny import build_tiny_model
+
+    dense = build_tiny_model("qwen3_moe", tmp_path / "dense", seed=1, dtype=torch.bfloat16)
+    model = write_compressed_tensors(dense, tmp_path / preset, preset)
+    out = tmp_path / "out"
+    result = moeshrink.prune(
+        str(model),
+        method="msmoe",
+        keep=4,
+        calib=calib_file,
+        output=out,
+        samples=4,
+        seq_len=32,
+        progress=False,
+    )
+    assert result.plan.source["quantization"]["requantization"]["tensors"] > 0
+    ours = load_model(out, "bfloat16").model
+    hf = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(run_compressed=False)
+    )
+    theirs = dict(hf.named_parameters())
+    shared = [name for name, _ in ours.named_parameters() if name in theirs]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in shared
+    assert [n for n in shared if not torch.equal(ours.get_parameter(n), theirs[n])] == []
+
+
 @pytest.mark.parametrize("preset", ["W8A8", "W4A16_ASYM", "FP8_BLOCK"])
 def test_transformers_cannot_load_these_moe_checkpoints(preset, pruned):
     """transformers 5.19 with compressed-tensors 0.17 does not fuse these quantized per-expert tensors
