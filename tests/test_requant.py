@@ -290,3 +290,37 @@ def test_requantize_each_scheme(preset):
     for name in stored:
         if "scale" in name or "zero" in name:
             assert _same_bytes(done.tensors[name], stored[name])
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"method": "uncurl"},
+        {"method": "stun"},  # average mode, the default
+        {"method": "frequency", "sparsity": 0.5, "sparsity_method": "owl", "stream": False},
+        {"method": "frequency", "sparsity": 0.5, "sparsity_method": "magnitude"},
+    ],
+    ids=["uncurl", "stun-average", "owl", "magnitude"],
+)
+def test_other_methods_requantize(fields, models, calib_file, tmp_path):
+    """The other merging methods and sparsity methods on a W4A16 deepseek_v3: changed experts
+    re-quantized (merges rounded, sparsity exact), the output reloads and runs."""
+    out = tmp_path / "out"
+    result = _prune(models["deepseek_v3-w4a16"], calib_file, out, **fields)
+    summary = result.plan.source["quantization"]["requantization"]
+    assert summary["tensors"] > 0
+    if "sparsity" in fields:
+        assert summary["kept_scales"] == summary["tensors"] and summary["max_relative_error"] == 0.0
+    assert torch.isfinite(_logits(load_model(out, "float32").model)).all()
+
+
+def test_global_budget_merge(models, calib_file, tmp_path):
+    """A global budget (different expert counts per layer, which the dense export writes fused): the
+    quantized output keeps per-expert tensors, the same streamed or resident."""
+    model = models["mixtral-fp8block"]
+    a = _prune(model, calib_file, tmp_path / "a", method="msmoe", global_budget=True, stream=True)
+    _prune(model, calib_file, tmp_path / "b", method="msmoe", global_budget=True, stream=False)
+    assert len(set(a.plan.num_experts_after)) > 1
+    x, y = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert sorted(x) == sorted(y) and all(_same_bytes(x[k], y[k]) for k in x)
+    assert torch.isfinite(_logits(load_model(tmp_path / "a", "float32").model)).all()

@@ -210,6 +210,10 @@ class QuantizedLayers(StreamedLayers):
             self.released.add(index)
         super().release(index, write=False)
 
+    def open_output(self, fused_experts: bool) -> None:
+        """The output keeps the input's per-expert tensors whatever the per-layer expert counts (its
+        config records them): the job's view of each layer stays per expert too."""
+
     def _record(self, index: int, *, spill: bool) -> _Record:
         """Layer ``index`` as the job left it: every tensor's digest, and those that match no input
         tensor of their kind (spilled to a file when ``spill``)."""
