@@ -78,7 +78,7 @@ from moeshrink.methods import ExpertMethod, get_method
 from moeshrink.plan import PLAN_FILENAME, LayerPlan, ModelPlan
 from moeshrink.quant import read_quantization
 from moeshrink.quant.oneshot import Scheme, check_quantize, check_scheme, quantize_output
-from moeshrink.quant.source import QuantizedCheckpoint, QuantizedLayers, check_quantized_job
+from moeshrink.quant.source import QuantizedCheckpoint, QuantizedLayers, check_quantized_job, spill_bytes
 from moeshrink.report.model_card import model_card
 from moeshrink.runtime import compute_dtype
 from moeshrink.sparsity.accounting import SparsityReport, count_sparsity
@@ -841,6 +841,8 @@ def check_job(job: Job) -> CheckedJob:
             output=job.output,
             world_size=distributed.world_size(),
         )
+        if requantize and stream and job.output is not None:  # changed experts spilled beside the output
+            check_free_disk(job.output, estimate + spill_bytes(skeleton, adapter, config, keep))
     if stream and experts_spec.global_budget and job.steps[0].kind != "experts":
         raise MoeShrinkError(
             "--stream measures a global budget on the unchanged model before anything is written: make the "

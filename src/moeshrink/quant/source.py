@@ -698,6 +698,21 @@ def check_requantizable(path: Path, checkpoint: QuantizedCheckpoint, operation: 
 _EXPERT_TARGET = re.compile(r"experts\\?\.(\d|\\d|\[)")
 
 
+def spill_bytes(
+    skeleton: torch.nn.Module, adapter: FamilyAdapter, config: PretrainedConfig, keep: int
+) -> int:
+    """At most how many bytes a streamed re-quantizing job spills: the kept routed experts' weights in
+    the checkpoint's storage dtype (``skeleton``: the weightless model)."""
+    experts = sum(
+        p.numel()
+        for layer in adapter.moe_layers(skeleton)
+        for n, p in layer.block.named_parameters()
+        if n.startswith("experts.")
+    )
+    itemsize = torch.empty((), dtype=resolve_dtype(config, "auto")).element_size()
+    return experts * keep // max(adapter.num_experts(config), 1) * itemsize
+
+
 def check_quantized_job(
     path: Path,
     scheme: QuantScheme,
@@ -732,6 +747,7 @@ __all__ = [
     "QuantizedLayers",
     "changing_operation",
     "check_quantized_job",
+    "spill_bytes",
     "check_requantizable",
     "copied_source",
     "load_quantized_model",
