@@ -115,7 +115,7 @@ def test_merge_requantizes_in_the_same_scheme(name, models, calib_file, tmp_path
             assert {t: (v.dtype, v.shape) for t, v in written.items()} == {
                 t: (v.dtype, v.shape) for t, v in layout.items()
             }
-        assert lp.requantization["tensors"] > 0
+        assert plan.source["quantization"]["requantization"]["layers"][str(lp.layer)]["tensors"] > 0
     assert merged > 0 and copies > 0
     summary = result.plan.source["quantization"]["requantization"]
     bound = 1.5 * _quant_error(models[f"{family}-dense"], models[name])

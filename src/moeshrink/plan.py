@@ -92,11 +92,6 @@ class LayerPlan(BaseModel):
         description="the recover step's relative error of the routed output on the calibration tokens, "
         "before and after (moeshrink.surgery.recover)",
     )
-    requantization: dict[str, Any] | None = Field(
-        default=None,
-        description="a quantized input: the tensors of this layer the job changed and wrote re-quantized in "
-        "the input's scheme, with their relative Frobenius error (moeshrink.quant.requant)",
-    )
     _refit_tensors: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
 
     @property

@@ -432,16 +432,14 @@ class QuantizedLayers(StreamedLayers):
 
     def _note_requantization(self, plan: ModelPlan, tensor_bytes: int) -> None:
         """Record the re-quantization errors in the plan: per MoE layer and over the model."""
-        by_layer = {lp.layer: lp for lp in plan.layers}
-        for index, errors in self._errors.items():
-            if index in by_layer:
-                by_layer[index].requantization = summarize(errors)
         everything = [e for errors in self._errors.values() for e in errors]
         quantization = plan.source.setdefault("quantization", self.fp8.scheme.describe())
         quantization["tensor_bytes_after"] = tensor_bytes
         quantization["requantization"] = summarize(everything) | {
             "method": "round-to-nearest min-max in the input's scheme; zeros only: the input's scales kept",
-            "layers": sorted(i for i in self._errors if i is not None),
+            "layers": {
+                str(i): summarize(self._errors[i]) for i in sorted(k for k in self._errors if k is not None)
+            },
         }
 
     def _layout(self, index: int, shapes: dict[str, list[int]], num_experts: int) -> tuple[dict, list[str]]:
