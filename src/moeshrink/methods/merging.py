@@ -79,15 +79,24 @@ class MergeMethod(ExpertMethod):
     def compress(self, layer: MoELayer, stats: LayerStats | None, budget: LayerBudget) -> LayerPlan:
         """Merge, then (with ``reconstruct``) re-fit each merged expert's down projection by least squares."""
         plan = self.plan_layer(layer, stats, budget)
+        self.apply_and_refit(layer, stats, plan)
+        return plan
+
+    def apply_and_refit(
+        self, layer: MoELayer, stats: LayerStats | None, plan: LayerPlan, only: set[int] | None = None
+    ) -> None:
+        """Apply ``plan`` to ``layer``; with ``reconstruct``, refit the down projection of each merged
+        expert (of those whose index is in ``only``, when given), recording the refit in ``plan``."""
         targets = (
             cluster_targets(layer, plan, stats.inputs, stats.logits) if self.settings.reconstruct else {}
         )
+        if only is not None:
+            targets = {i: t for i, t in targets.items() if i in only}
         apply_layer_plan(layer, plan)
         for i, target in targets.items():
             tensors = refit_down_projection(layer, i, stats.inputs, target, self.settings.ridge)
             plan.experts[i].refit = sorted(tensors)
             plan.refit_tensors.update({f"{i}.{name}": t.cpu() for name, t in tensors.items()})
-        return plan
 
     @abstractmethod
     def clusters(self, layer: MoELayer, stats: LayerStats, budget: LayerBudget) -> list[list[int]]:

@@ -28,6 +28,16 @@ cluster's output on the calibration tokens (``reconstruct=True``, chosen on vali
 ``representative`` mode keeps the representative's weights as they are (``reconstruct=False``
 unless given), as STUN does and block-FP8 checkpoints need.
 
+With ``selective=True`` (STUN's expert-level phase as its paper describes it: clustering, then a
+*selective reconstruction*; docs/stun_selective.md) each cluster is decided on its own: either
+reconstructed (the merged expert of ``mode="average"``, with its down projection refit when
+``reconstruct``) or kept as its closest expert (the ``representative`` with its own router row),
+whichever reproduces the cluster's output on the calibration tokens better
+(:func:`selective_errors`: reconstruction error plus decision-boundary error, each cluster's choice
+taken with the rest of the layer as it was: a first-order expansion of the layer's error in the
+per-cluster decisions, so no combination of decisions is searched and no extra forward pass is run).
+The choices and the criterion values are recorded per layer in the plan (``details["selective"]``).
+
 Under a global budget (STUN's native, non-uniform setting) one threshold is shared by all layers:
 the merges of every layer are taken in order of height until the total is met, never leaving a layer
 with fewer than ``minimum`` experts. Statistics come from one pass over the calibration tokens (two
@@ -36,6 +46,7 @@ with a global budget), however many experts there are.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -45,12 +56,13 @@ from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 
 from moeshrink.arch import MoELayer
-from moeshrink.engine.observers import COACTIVATION, COUNTS, ROUTER, LayerStats
+from moeshrink.engine.observers import COACTIVATION, COUNTS, INPUTS, LOGITS, ROUTER, LayerStats
 from moeshrink.errors import MoeShrinkError
 from moeshrink.methods.base import LayerBudget
 from moeshrink.methods.clustering import per_group
 from moeshrink.methods.merging import Align, MergeMethod, Router
-from moeshrink.plan import NewExpert
+from moeshrink.plan import LayerPlan, NewExpert
+from moeshrink.surgery.recover import snapshot
 
 
 def expert_distances(layer: MoELayer, stats: LayerStats | None, coactivation: float) -> np.ndarray:
@@ -86,6 +98,86 @@ def cut_after(merges: np.ndarray, n: int, k: int) -> list[list[int]]:
     return sorted(sorted(c) for c in members.values())
 
 
+@dataclass
+class Candidate:
+    """What one option of a cluster would do on the calibration tokens: sums of squared errors against
+    the cluster's original output ``y(x) = sum_{j in C} g_j(x) E_j(x)``."""
+
+    error: float  # sum_x || y(x) - g'(x) E'(x) ||^2, the criterion
+    reconstruction: float  # sum_x || y(x) - G(x) E'(x) ||^2: the expert, at the cluster's original gate
+    boundary: float  # sum_x || (G(x) - g'(x)) E'(x) ||^2: the gate, moved by the new router row
+
+    def record(self, scale: float) -> dict[str, float]:
+        """Relative to the cluster's output energy ``sum_x ||y(x)||^2`` (``scale``)."""
+        return {
+            k: round(v / scale, 6)
+            for k, v in (
+                ("error", self.error),
+                ("reconstruction", self.reconstruction),
+                ("boundary", self.boundary),
+            )
+        }
+
+
+@torch.no_grad()
+def selective_errors(
+    layer: MoELayer,
+    inputs: torch.Tensor,
+    logits: torch.Tensor,
+    members: list[int],
+    options: list[tuple[NewExpert, Any]],
+) -> tuple[list[Candidate], float]:
+    """STUN's selective-reconstruction criterion for one cluster ``members`` of ``layer`` (original weights).
+
+    Each option is a new expert standing for the cluster and a function giving its (ungated) output
+    on hidden states. Its gate ``g'(x)`` is what the layer's own routing rule gives it when its router
+    row (``router_weights`` over ``sources``, applied to the logits) replaces the members' rows and
+    every other expert is left as it was; its error is ``sum_x || y(x) - g'(x) E'(x) ||^2`` over the
+    calibration tokens routed to the cluster before or to the new expert after. Returns the options'
+    candidates and the cluster's output energy ``sum_x || y(x) ||^2``.
+    """
+    device = layer.router.weight.device
+    logits = logits.to(device).float()
+    weights, index = layer.route(logits)
+    member_index = torch.tensor(members, device=device)
+    hit = torch.isin(index, member_index)
+    gate = (weights.double() * hit).sum(1)  # G(x)
+    new_gates, touched = [], hit.any(1)
+    for expert, _ in options:
+        col = expert.sources[0]
+        coefficients = torch.tensor(expert.router_weights, dtype=torch.float64, device=device)
+        shifted = logits.clone()
+        shifted[:, col] = (logits[:, expert.sources].double() @ coefficients).float()
+        allowed = torch.ones(logits.shape[1], dtype=torch.bool, device=device)
+        allowed[member_index] = False
+        allowed[col] = True
+        w, i = layer.route(shifted, allowed)
+        chosen = i == col
+        new_gates.append((w.double() * chosen).sum(1))
+        touched |= chosen.any(1)
+    tokens = touched.nonzero().squeeze(1)
+    x = inputs.to(device)[tokens].to(layer.router.weight.dtype)
+    target = torch.zeros(tokens.numel(), x.shape[1], dtype=torch.float64, device=device)
+    for slot in range(index.shape[1]):
+        rows = hit[tokens, slot].nonzero().squeeze(1)
+        if rows.numel():
+            out = layer.expert_outputs(x[rows], index[tokens[rows], slot]).double()
+            target[rows] += weights[tokens[rows], slot].double()[:, None] * out
+    gate, scale = gate[tokens], float(target.pow(2).sum())
+    candidates = []
+    for (_, outputs), new_gate in zip(options, new_gates, strict=True):
+        new_gate = new_gate[tokens]
+        out = outputs(x).double()
+        candidates.append(
+            Candidate(
+                error=float((target - new_gate[:, None] * out).pow(2).sum()),
+                reconstruction=float((target - gate[:, None] * out).pow(2).sum()),
+                boundary=float(((gate - new_gate)[:, None] * out).pow(2).sum()),
+            )
+        )
+    return candidates, scale
+
+
 class STUN(MergeMethod):
     """Cluster experts by router rows and co-activation (complete linkage); keep one per cluster."""
 
@@ -104,6 +196,11 @@ class STUN(MergeMethod):
         mode: Literal["representative", "average"] = "average"  # chosen on validation (docs/defaults.md)
         coactivation: float = -1.0  # chosen on validation (docs/defaults.md)
         threshold: float | None = Field(None, description="found under a global budget")
+        selective: bool = Field(
+            False,
+            description="per cluster, reconstruct (average mode's merged expert) or keep the closest "
+            "expert as it is, whichever reproduces the cluster's calibration output better",
+        )
 
         found: ClassVar[frozenset[str]] = frozenset({"threshold"})
 
@@ -118,10 +215,28 @@ class STUN(MergeMethod):
                 return {"reconstruct": False} | data | {"align": "none"}
             return data
 
+        @model_validator(mode="after")
+        def _selective_needs_average(self) -> STUN.Options:
+            if self.selective and self.mode != "average":
+                raise ValueError(
+                    "selective=true chooses per cluster between the closest expert and the averaged, "
+                    "reconstructed one: it needs mode=average (drop mode=representative)"
+                )
+            return self
+
         def omitted(self) -> set[str]:
-            return super().omitted() | ({"threshold"} if self.threshold is None else set())
+            return (
+                super().omitted()
+                | ({"threshold"} if self.threshold is None else set())
+                | (set() if self.selective else {"selective"})
+            )
 
     settings: Options
+
+    def __init__(self, seed: int = 0, **options: Any):
+        super().__init__(seed=seed, **options)
+        if self.settings.selective:
+            self.needs = self.needs | {INPUTS, LOGITS}
 
     def clusters(self, layer: MoELayer, stats: LayerStats, budget: LayerBudget) -> list[list[int]]:
         distances = expert_distances(layer, stats, self.settings.coactivation)
@@ -164,6 +279,11 @@ class STUN(MergeMethod):
     def merge(self, layer: MoELayer, stats: LayerStats, cluster: list[int]) -> NewExpert:
         if self.settings.mode == "average" or len(cluster) == 1:
             return super().merge(layer, stats, cluster)
+        return self.representative(layer, stats, cluster)
+
+    def representative(self, layer: MoELayer, stats: LayerStats, cluster: list[int]) -> NewExpert:
+        """The member closest to the centroid of the cluster's weights, as it is, with its own router row
+        (STUN's released code; ties to the most used member)."""
         squared = torch.zeros(len(cluster), dtype=torch.float64)
         for spec in layer.expert_tensors:
             weights = layer.param(spec.name).detach()[cluster].double().cpu().flatten(1)
@@ -184,3 +304,60 @@ class STUN(MergeMethod):
             weights=weights,
             router_weights=self.router_row(layer, stats, members, weights),
         )
+
+    def compress(self, layer: MoELayer, stats: LayerStats | None, budget: LayerBudget) -> LayerPlan:
+        """Without ``selective`` as every merging method; with it, each cluster reconstructed or kept as
+        its closest expert by :func:`selective_errors`, the choices recorded in ``details``."""
+        if not self.settings.selective:
+            return super().compress(layer, stats, budget)
+        merged = self.plan_layer(layer, stats, budget)  # every cluster reconstructed (average mode)
+        trial = snapshot(layer)  # the reconstructed experts' outputs are measured on a copy
+        self.apply_and_refit(trial, stats, merged.model_copy(deep=True))
+        experts, rebuilt, record = [], set(), []
+        for i, expert in enumerate(merged.experts):
+            if len(expert.sources) == 1:
+                experts.append(expert)
+                continue
+            closest = self.representative(layer, stats, expert.sources)
+            (keep, rebuild), scale = selective_errors(
+                layer,
+                stats.inputs,
+                stats.logits,
+                expert.sources,
+                [
+                    (closest, lambda x, j=closest.sources[0]: _outputs(layer, x, j)),
+                    (expert, lambda x, j=i: _outputs(trial, x, j)),
+                ],
+            )
+            reconstructed = rebuild.error <= keep.error
+            experts.append(expert if reconstructed else closest)
+            if reconstructed:
+                rebuilt.add(expert.sources[0])
+            scale = max(scale, 1e-30)
+            record.append(
+                {
+                    "sources": sorted(expert.sources),
+                    "choice": "reconstruct" if reconstructed else "keep",
+                    "closest": closest.sources[0],
+                    "keep": keep.record(scale),
+                    "reconstruct": rebuild.record(scale),
+                }
+            )
+        experts.sort(key=lambda e: e.sources[0])
+        plan = LayerPlan(
+            layer=layer.index,
+            num_experts_before=layer.num_experts,
+            experts=experts,
+            scores=merged.scores,
+            details={"selective": record},
+        )
+        self.apply_and_refit(
+            layer, stats, plan, only={i for i, e in enumerate(experts) if e.sources[0] in rebuilt}
+        )
+        return plan
+
+
+def _outputs(layer: MoELayer, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+    """Expert ``expert``'s (ungated) output on every row of ``hidden``."""
+    index = torch.full((hidden.shape[0],), expert, dtype=torch.long, device=hidden.device)
+    return layer.expert_outputs(hidden, index)
