@@ -219,12 +219,12 @@ def test_cli_stream_without_calibration_data(tmp_path, checkpoints):
     _assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
 
 
-@pytest.mark.parametrize("method", ["frequency", "stun"])
-def test_streamed_global_budget_equals_in_memory(method, tmp_path, calib_file, checkpoints):
+@pytest.mark.parametrize("method, options", [("frequency", {}), ("stun", {}), ("stun", {"selective": True})])
+def test_streamed_global_budget_equals_in_memory(method, options, tmp_path, calib_file, checkpoints):
     """A global budget streams too: a read-only statistics pass (each layer read and freed), then the
     compression pass; per-layer counts are written fused, as the in-memory export writes them."""
     source = checkpoints["qwen3_moe"]
-    kw = dict(method=method, keep=4, global_budget=True)
+    kw = dict(method=method, keep=4, global_budget=True, method_options=options)
     memory = _prune(source, calib_file, tmp_path / "memory", stream=False, **kw)
     streamed = _prune(source, calib_file, tmp_path / "stream", stream=True, **kw)
     assert streamed.plan.budget["per_layer"] == memory.plan.budget["per_layer"]

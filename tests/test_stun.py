@@ -103,6 +103,108 @@ def test_stun_global_budget_meets_the_total_and_reloads_exactly(family, checkpoi
         torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def _twin_checkpoint(checkpoints, path, permute: bool):
+    """Expert 5 of every layer made a copy of expert 2, router row included (with ``permute``, its
+    intermediate neurons shuffled: the same function, weights that average badly without alignment)."""
+    loaded = load_model(checkpoints["mixtral"])
+    model, adapter = loaded.model, loaded.adapter
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in adapter.moe_layers(model):
+            layer.router.weight[5] = layer.router.weight[2]
+            perm = torch.randperm(layer.intermediate_size, generator=generator)
+            for spec in layer.expert_tensors:
+                t = layer.param(spec.name)
+                index = spec.neuron_index(perm) if permute else None
+                t[5] = t[2] if index is None else t[2].index_select(spec.neuron_dim, index)
+    model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return path, len(adapter.moe_layers(model)), int(model.config.num_local_experts)
+
+
+def _selective(path, experts, calib_file, **options):
+    return moeshrink.prune(
+        path,
+        "stun",
+        keep=experts - 1,
+        calib=calib_file,
+        method_options={"coactivation": 0.0, "selective": True} | options,
+        **KW,
+    )
+
+
+def test_stun_selective_reconstructs_identical_experts_harmlessly(checkpoints, calib_file, tmp_path):
+    """Twins: the merged expert is the twin itself, so reconstructing costs nothing against keeping it;
+    the criterion says so, and the model equals plain STUN's (every cluster reconstructed)."""
+    path, layers, experts = _twin_checkpoint(checkpoints, tmp_path / "twins", permute=False)
+    result = _selective(path, experts, calib_file)
+    plain = moeshrink.prune(
+        path, "stun", keep=experts - 1, calib=calib_file, method_options={"coactivation": 0.0}, **KW
+    )
+    assert result.plan.method_options["selective"] is True and "selective" not in plain.plan.method_options
+    for lp in result.plan.layers:
+        (record,) = lp.details["selective"]
+        assert record["sources"] == [2, 5] and record["closest"] in (2, 5)
+        keep, rebuild = record["keep"]["error"], record["reconstruct"]["error"]
+        assert keep > 0  # the twin's tokens now share their gate with another expert (the boundary)
+        assert abs(keep - rebuild) <= 1e-3 * keep
+        assert record["keep"]["reconstruction"] < 1e-6  # the kept twin is the cluster's own function
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(ids).logits, plain.model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert layers == len(result.plan.layers)
+
+
+def test_stun_selective_keeps_the_closest_expert_when_the_merge_cannot_reproduce_it(
+    checkpoints, calib_file, tmp_path
+):
+    """The twin with shuffled neurons, merged without alignment: the average mixes unrelated neurons,
+    which no refit of the down projection repairs, so each layer keeps one twin as it is."""
+    path, _, experts = _twin_checkpoint(checkpoints, tmp_path / "shuffled", permute=True)
+    result = _selective(path, experts, calib_file, align="none")
+    original = load_model(path)
+    for lp, layer in zip(result.plan.layers, original.adapter.moe_layers(original.model), strict=True):
+        (record,) = lp.details["selective"]
+        assert record["choice"] == "keep" and record["keep"]["error"] < record["reconstruct"]["error"]
+        assert record["keep"]["reconstruction"] < 1e-6 < record["reconstruct"]["reconstruction"]
+        (kept,) = [e for e in lp.experts if len(e.sources) > 1]
+        assert kept.sources[0] == record["closest"] and sorted(kept.sources) == [2, 5]
+        assert kept.weights == [1.0, 0.0] and kept.refit == []
+        new = original.adapter.moe_layers(result.model)[lp.layer]
+        position = lp.experts.index(kept)
+        for spec in layer.expert_tensors:
+            torch.testing.assert_close(
+                new.param(spec.name)[position], layer.param(spec.name)[kept.sources[0]]
+            )
+
+
+def test_stun_selective_under_a_global_budget_records_every_cluster(checkpoints, calib_file, tmp_path):
+    result = moeshrink.prune(
+        checkpoints["qwen3_moe"],
+        "stun",
+        keep=4,
+        global_budget=True,
+        calib=calib_file,
+        output=tmp_path / "o",
+        method_options={"selective": True},
+        **KW,
+    )
+    choices = set()
+    for lp in result.plan.layers:
+        merged = sorted(sorted(e.sources) for e in lp.experts if len(e.sources) > 1)
+        assert [r["sources"] for r in lp.details["selective"]] == merged
+        for record in lp.details["selective"]:
+            choices.add(record["choice"])
+            assert all(
+                np.isfinite(v) and v >= 0 for part in ("keep", "reconstruct") for v in record[part].values()
+            )
+    assert choices <= {"keep", "reconstruct"} and choices
+    reloaded = load_model(tmp_path / "o").model
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_stun_global_budget_refuses_grouped_routing(checkpoints, calib_file, tmp_path):
     with pytest.raises(MoeShrinkError, match="routing groups"):
         moeshrink.prune(
@@ -269,6 +371,11 @@ def test_attention_scope_alone_leaves_experts_dense(checkpoints, calib_file):
         ({"method": "none", "sparsity": 0.5, "sparsity_method": "owl", "owl_lambda": -0.1}, "owl_lambda"),
         ({"method": "none", "sparsity": 0.5, "sparsity_scope": "heads"}, "unknown sparsity scope"),
         ({"method": "stun", "keep": 4, "method_options": {"mode": "median"}}, "stun mode must be one of"),
+        ({"method": "stun", "keep": 4, "method_options": {"selective": "maybe"}}, "stun selective must be"),
+        (
+            {"method": "stun", "keep": 4, "method_options": {"selective": True, "mode": "representative"}},
+            "selective=true .* needs mode=average",
+        ),
     ],
 )
 def test_bad_stun_budgets_fail_early(kwargs, message, checkpoints, calib_file, tmp_path):
