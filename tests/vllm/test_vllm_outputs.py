@@ -54,6 +54,7 @@ TESTBED_PRUNES = {
     "uncurl": {},
     "stun": {},
     "stun+total-sparsity": {"method": "stun", "keep": None, "ratio": 0.25, "total_sparsity": 0.55},
+    "stun+selective+global": {"method": "stun", "global_budget": True, "method_options": {"selective": True}},
     "reap+wanda50": {"method": "reap", "sparsity": 0.5},
     "none+2:4": {"method": "none", "keep": None, "nm": "2:4"},
     "none+top1": {"method": "none", "keep": None, "top_k": 1},
