@@ -182,6 +182,41 @@ def main() -> None:
     print(f"wrote {json_path} and {args.out.with_suffix('.md')}")
 
 
+def _render_selective(rows: list[tuple[str, dict]]) -> list[str]:
+    """STUN's selective reconstruction: how many clusters each row reconstructed or kept as their
+    closest expert, and the mean criterion (error relative to the cluster's output energy)."""
+    table = []
+    for key, r in rows:
+        records = [c for d in r["method_details"] for c in d.get("selective", [])]
+        rebuilt = [c for c in records if c["choice"] == "reconstruct"]
+        used = [c for c in records if c["keep"]["error"] + c["reconstruct"]["error"] > 0] or [None]
+        means = [sum(c[part]["error"] for c in used if c) / len(used) for part in ("keep", "reconstruct")]
+        method, keep, calib = key.split("|")
+        table.append(
+            [method, keep, calib, str(len(rebuilt)), str(len(records) - len(rebuilt))]
+            + [f"{m:.3f}" for m in means]
+        )
+    header = [
+        "method",
+        "experts kept",
+        "calibrated on",
+        "clusters reconstructed",
+        "kept as closest expert",
+        "mean error if kept",
+        "mean error if reconstructed",
+    ]
+    return [
+        "## STUN selective reconstruction: choices (all layers)",
+        "",
+        "Errors are the criterion's (docs/stun_selective.md), relative to each cluster's output on the calibration "
+        "tokens, averaged over the clusters the calibration tokens reach (an idle cluster's are 0 either way: "
+        "it is reconstructed).",
+        "",
+        markdown_table(header, table),
+        "",
+    ]
+
+
 def render(data: dict) -> str:
     base = data["baseline"]
     domains = list(base["domains"])
@@ -241,7 +276,14 @@ def render(data: dict) -> str:
     lines += [markdown_table(header, table), "", TIME_NOTE, ""]
     if sparse_rows:
         lines += _render_total_sparsity(sparse_rows, base, domains)
-    searched = [(k, r) for k, r in rows.items() if r.get("method_details")]
+    searched = [
+        (k, r) for k, r in rows.items() if r.get("method_details") and "search" in r["method_details"][0]
+    ]
+    selective = [
+        (k, r) for k, r in rows.items() if any("selective" in d for d in r.get("method_details") or [])
+    ]
+    if selective:
+        lines += _render_selective(selective)
     if searched:
         lines += [
             "## Subset search cost (per layer)",

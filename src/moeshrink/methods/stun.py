@@ -201,6 +201,11 @@ class STUN(MergeMethod):
             description="per cluster, reconstruct (average mode's merged expert) or keep the closest "
             "expert as it is, whichever reproduces the cluster's calibration output better",
         )
+        kept: Literal["closest", "most_used"] = Field(
+            "closest",
+            description="with selective: the expert a kept cluster keeps, the member closest to the "
+            "centroid (STUN) or the most used member",
+        )
 
         found: ClassVar[frozenset[str]] = frozenset({"threshold"})
 
@@ -222,13 +227,15 @@ class STUN(MergeMethod):
                     "selective=true chooses per cluster between the closest expert and the averaged, "
                     "reconstructed one: it needs mode=average (drop mode=representative)"
                 )
+            if self.kept != "closest" and not self.selective:
+                raise ValueError("kept chooses what selective=true keeps: give selective=true, or drop kept")
             return self
 
         def omitted(self) -> set[str]:
             return (
                 super().omitted()
                 | ({"threshold"} if self.threshold is None else set())
-                | (set() if self.selective else {"selective"})
+                | (set() if self.selective else {"selective", "kept"})
             )
 
     settings: Options
@@ -318,7 +325,15 @@ class STUN(MergeMethod):
             if len(expert.sources) == 1:
                 experts.append(expert)
                 continue
-            closest = self.representative(layer, stats, expert.sources)
+            closest = (
+                self.representative(layer, stats, expert.sources)
+                if self.settings.kept == "closest"
+                else NewExpert(  # the anchor (most used member) alone, its own router row
+                    sources=expert.sources,
+                    weights=[1.0] + [0.0] * (len(expert.sources) - 1),
+                    router_weights=[1.0] + [0.0] * (len(expert.sources) - 1),
+                )
+            )
             (keep, rebuild), scale = selective_errors(
                 layer,
                 stats.inputs,
