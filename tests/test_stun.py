@@ -376,6 +376,11 @@ def test_attention_scope_alone_leaves_experts_dense(checkpoints, calib_file):
             {"method": "stun", "keep": 4, "method_options": {"selective": True, "mode": "representative"}},
             "selective=true .* needs mode=average",
         ),
+        ({"method": "stun", "keep": 4, "method_options": {"kept": "most_used"}}, "give selective=true"),
+        (
+            {"method": "stun", "keep": 4, "method_options": {"selective": True, "kept": "last"}},
+            "stun kept must be",
+        ),
     ],
 )
 def test_bad_stun_budgets_fail_early(kwargs, message, checkpoints, calib_file, tmp_path):
