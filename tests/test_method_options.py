@@ -25,7 +25,7 @@ DEFAULTS = {
     "msmoe": {"seed": 0, **MERGE},
     "hcsmoe": {"seed": 0, **MERGE, "align": "none", "max_cluster_size": None},
     "uncurl": {"seed": 0, **MERGE},
-    "stun": {  # reconstruct: true since the validation study (docs/defaults.md)
+    "stun": {  # reconstruct: true since the validation study, selective since issue #16 (docs/defaults.md)
         "seed": 0,
         "align": "weight",
         "router": "anchor",
@@ -33,6 +33,8 @@ DEFAULTS = {
         "ridge": 0.01,
         "mode": "average",
         "coactivation": -1.0,
+        "selective": True,
+        "kept": "closest",
     },
     "none": {"seed": 0},
 }
@@ -81,7 +83,7 @@ def test_defaults_recorded_as_before(name):
         ),
         (
             "stun",
-            {"mode": "average", "coactivation": 0, "reconstruct": False},
+            {"mode": "average", "coactivation": 0, "reconstruct": False, "selective": False},
             {
                 "align": "weight",
                 "router": "anchor",

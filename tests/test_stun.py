@@ -139,7 +139,12 @@ def test_stun_selective_reconstructs_identical_experts_harmlessly(checkpoints, c
     path, layers, experts = _twin_checkpoint(checkpoints, tmp_path / "twins", permute=False)
     result = _selective(path, experts, calib_file)
     plain = moeshrink.prune(
-        path, "stun", keep=experts - 1, calib=calib_file, method_options={"coactivation": 0.0}, **KW
+        path,
+        "stun",
+        keep=experts - 1,
+        calib=calib_file,
+        method_options={"coactivation": 0.0, "selective": False},
+        **KW,
     )
     assert result.plan.method_options["selective"] is True and "selective" not in plain.plan.method_options
     for lp in result.plan.layers:
@@ -376,7 +381,10 @@ def test_attention_scope_alone_leaves_experts_dense(checkpoints, calib_file):
             {"method": "stun", "keep": 4, "method_options": {"selective": True, "mode": "representative"}},
             "selective=true .* needs mode=average",
         ),
-        ({"method": "stun", "keep": 4, "method_options": {"kept": "most_used"}}, "give selective=true"),
+        (
+            {"method": "stun", "keep": 4, "method_options": {"kept": "most_used", "selective": False}},
+            "give selective=true",
+        ),
         (
             {"method": "stun", "keep": 4, "method_options": {"selective": True, "kept": "last"}},
             "stun kept must be",

@@ -28,7 +28,8 @@ cluster's output on the calibration tokens (``reconstruct=True``, chosen on vali
 ``representative`` mode keeps the representative's weights as they are (``reconstruct=False``
 unless given), as STUN does and block-FP8 checkpoints need.
 
-With ``selective=True`` (STUN's expert-level phase as its paper describes it: clustering, then a
+With ``selective=True`` (the default in average mode since issue #16, chosen on the validation splits
+of both testbeds; STUN's expert-level phase as its paper describes it: clustering, then a
 *selective reconstruction*; docs/stun_selective.md) each cluster is decided on its own: either
 reconstructed (the merged expert of ``mode="average"``, with its down projection refit when
 ``reconstruct``) or kept as its closest expert (the ``representative`` with its own router row),
@@ -195,9 +196,8 @@ class STUN(MergeMethod):
         reconstruct: bool = True  # in average mode; chosen on validation (docs/defaults.md)
         mode: Literal["representative", "average"] = "average"  # chosen on validation (docs/defaults.md)
         coactivation: float = -1.0  # chosen on validation (docs/defaults.md)
-        threshold: float | None = Field(None, description="found under a global budget")
-        selective: bool = Field(
-            False,
+        selective: bool = Field(  # chosen on both testbeds' validation (docs/stun_selective.md)
+            True,
             description="per cluster, reconstruct (average mode's merged expert) or keep the closest "
             "expert as it is, whichever reproduces the cluster's calibration output better",
         )
@@ -206,6 +206,7 @@ class STUN(MergeMethod):
             description="with selective: the expert a kept cluster keeps, the member closest to the "
             "centroid (STUN) or the most used member",
         )
+        threshold: float | None = Field(None, description="found under a global budget")
 
         found: ClassVar[frozenset[str]] = frozenset({"threshold"})
 
@@ -217,7 +218,7 @@ class STUN(MergeMethod):
                 and data.get("mode", cls.model_fields["mode"].default) == "representative"
             ):
                 # nothing is averaged, so nothing to align; the representative's weights stay its own
-                return {"reconstruct": False} | data | {"align": "none"}
+                return {"reconstruct": False, "selective": False} | data | {"align": "none"}
             return data
 
         @model_validator(mode="after")
