@@ -25,6 +25,7 @@ larger than its RAM.
     python benchmarks/cost.py --calib-domains wiki pydoc --keep 8 4 --repeat 3 --out docs/cost
     python benchmarks/cost.py --skip-testbed --sizes 10 --synthetic-fp8-block 128 128 --memory-limit-gib 4 \
         --out docs/cost_fp8_stream
+    python benchmarks/cost.py --model src/moeshrink/testbed/data/moeshrink-tiny-ds3 --keep 32 16 ...
 """
 
 from __future__ import annotations
@@ -657,6 +658,11 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=PRUNING + MERGING, help="on the testbed; NAME[:k=v,...]"
     )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="the checkpoint of the testbed rows (default: the Mixtral testbed of the source measured)",
+    )
     parser.add_argument("--keep", type=int, nargs="+", default=[8, 4], help="experts kept on the testbed")
     parser.add_argument(
         "--verified",
@@ -755,6 +761,7 @@ def main() -> None:
         "repeat_below": args.repeat_below,
         "calibration": calib,
         "memory_limit_gib": args.memory_limit_gib,
+        "model": str(args.model) if args.model else None,
         "notes": ["## Notes", "", *args.notes.read_text().splitlines()] if args.notes else [],
     }
     data: dict[str, Any] = {"meta": meta, "samples": [], "rows": []}
@@ -794,7 +801,9 @@ def main() -> None:
             ]
         jobs += [{"method": m, "keep": args.keep[0], "verify": True} for m in args.verified]
         modes = [m == "stream" for m in args.modes]
-        plan.append(("testbed", data_dir / "moeshrink-tiny", jobs, modes, args.calib_domains))
+        model = args.model.resolve() if args.model else data_dir / "moeshrink-tiny"
+        name = f"testbed {args.model.name}" if args.model else "testbed"
+        plan.append((name, model, jobs, modes, args.calib_domains))
     for size in args.sizes:
         name = f"synthetic-{'fp8-' if args.synthetic_fp8_block else ''}{size:g}GB"
         jobs = [{"method": m, "keep": 4} for m in args.synthetic_methods]
@@ -822,7 +831,7 @@ def main() -> None:
                         common = settings | {"calib": calib[domain]["path"]}
                         run_group(group, jobs, args.repeat, args.repeat_below, spec_of(common), record)
             finally:
-                if name != "testbed":
+                if name.startswith("synthetic-"):  # written for this run
                     shutil.rmtree(path, ignore_errors=True)
     finally:
         meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")

@@ -1,4 +1,4 @@
-"""EEP from plain text on the testbed's task setting: one domain's calibration text, 16 -> K experts.
+"""EEP from plain text on the testbed's task setting: one domain's calibration text, E -> K experts.
 
 Every search runs ``moeshrink search --calib`` as a user does (fitness on windows of the domain's calib
 split, selection on held-out windows of the same text) and every one-shot method calibrates on the
@@ -11,6 +11,8 @@ every decoder layer once). One thread; the 1-minute load average is recorded aro
 invocation is one run (OUT.json is replaced, never resumed).
 
     OMP_NUM_THREADS=1 python benchmarks/eep_text.py --split validation --out docs/eep_text_validation
+    OMP_NUM_THREADS=1 python benchmarks/eep_text.py --model src/moeshrink/testbed/data/moeshrink-tiny-ds3 \
+        --keep 16 --split validation --out docs/eep_text_ds3_validation
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from cost import _floor  # noqa: E402
 from quality import PRUNE_KEYS, RECOVER_KEYS, parse_variant  # noqa: E402
 
 from moeshrink.evaluate.suite import evaluate_model  # noqa: E402
+from moeshrink.info import describe_model  # noqa: E402
 from moeshrink.io.checkpoint import load_model  # noqa: E402
 from moeshrink.pipeline import prune  # noqa: E402
 from moeshrink.report.tables import markdown_table  # noqa: E402
@@ -63,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--split", choices=["validation", "test"], required=True)
+    parser.add_argument("--model", type=Path, help="checkpoint (default: the Mixtral testbed)")
     parser.add_argument("--domain", default="bible")
     parser.add_argument("--keep", type=int, default=4)
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
@@ -84,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
-    model_dir = testbed_model_dir()
+    model_dir = args.model or testbed_model_dir()
     calib = corpus_dir() / args.domain / "calib.jsonl"
     evaluate = dict(split=args.split, max_tokens=args.eval_tokens, speed=False, usage=False)
     floor_job = {
@@ -105,6 +109,10 @@ def main() -> None:
     }
     base = load_model(model_dir)
     data["baseline"] = _perplexity(base.model, base.tokenizer, evaluate)
+    data["settings"] |= {
+        "model": str(model_dir),
+        "experts": max(describe_model(base.model, base.adapter).experts_per_layer),
+    }
     del base
 
     def floor() -> None:
@@ -179,7 +187,7 @@ def render(data: dict) -> str:
     s = data["settings"]
     others = [d for d in DOMAINS if d != s["domain"]]
     lines = [
-        f"Testbed 16 -> {s['keep']} experts, calibration text: the {s['domain']} calib split; perplexity on "
+        f"{Path(s.get('model', 'moeshrink-tiny')).name} {s.get('experts', 16)} -> {s['keep']} experts, calibration text: the {s['domain']} calib split; perplexity on "
         f"up to {s['eval_tokens']} tokens per domain of the **{s['split']}** split. Run {data['run_id']}, "
         f"{data['machine']}, {data['total_seconds']:.0f} s in all. Made by:",
         "",

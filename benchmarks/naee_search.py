@@ -12,6 +12,7 @@ recorded at each step.
 
     python benchmarks/naee_search.py --keep 8 4 --domains wiki pydoc --before 35c434b --out docs/naee_search.json
     python benchmarks/naee_search.py --report docs/naee_search.json
+    python benchmarks/naee_search.py --model src/moeshrink/testbed/data/moeshrink-tiny-ds3 --keep 32 16 ...
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def report(paths: list[Path]) -> str:
     the greedy fallback against the exhaustive optimum."""
     runs = [entry for path in paths for entry in json.loads(path.read_text())["runs"]]
     lines = [
-        "| domain | keep | subsets per layer | search CPU s (4 layers) | / floor | before CPU s | / floor "
+        "| domain | keep | subsets per layer | search CPU s (all MoE layers) | / floor | before CPU s | / floor "
         "| same subsets | greedy = exhaustive | greedy error / exhaustive (max) | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -86,6 +87,7 @@ def report(paths: list[Path]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="checkpoint (default: the Mixtral testbed)")
     parser.add_argument("--keep", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--domains", nargs="+", default=["wiki"])
     parser.add_argument("--before", help="commit whose NAEE search to time and compare on the same layers")
@@ -104,7 +106,7 @@ def main() -> None:
     from moeshrink.methods.naee import NAEEPruning
     from moeshrink.testbed import paths
 
-    model = paths.testbed_model_dir()
+    model = args.model or paths.testbed_model_dir()
     before = old_module(args.before) if args.before else None
     rows: list[dict] = []
     current: dict = {}
@@ -140,6 +142,7 @@ def main() -> None:
 
     NAEEPruning.plan_layer = intercept
     run = {"command": "python benchmarks/naee_search.py " + " ".join(sys.argv[1:]), "runs": []}
+    run["model"] = str(model)
     run["commit"] = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True
     ).stdout.strip()

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from moeshrink.evaluate.suite import evaluate_model
+from moeshrink.info import describe_model
 from moeshrink.io.checkpoint import load_model
 from moeshrink.methods import METHODS
 from moeshrink.pipeline import prune
@@ -134,6 +135,7 @@ def main() -> None:
     if "baseline" not in data:
         data["baseline"] = evaluate_model(base.model, base.tokenizer, **evaluate)
         data["settings"] = vars(args) | {"out": str(args.out), "model": str(model_dir)}
+        data["settings"]["experts"] = max(describe_model(base.model, base.adapter).experts_per_layer)
     del base
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
     if command not in data.setdefault("commands", []):
@@ -314,7 +316,8 @@ def render(data: dict) -> str:
             "",
         ]
     for keep in keeps:
-        lines += [f"## 16 -> {keep} experts: perplexity per domain (calibrated domain in bold)", ""]
+        experts = settings.get("experts", 16)  # files written before it was recorded: the Mixtral testbed
+        lines += [f"## {experts} -> {keep} experts: perplexity per domain (calibrated domain in bold)", ""]
         header = ["method", "calibrated on"] + domains
         table = []
         for c in calib_domains:

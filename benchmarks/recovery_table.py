@@ -34,13 +34,24 @@ def ratios(data: dict, method: str, keep: int) -> tuple[float, float, float, lis
             continue
         for domain, measured in row["domains"].items():
             r = math.log(measured["perplexity"] / base[domain]["perplexity"])
-            (own if domain == calib else other).append(r)
+            (own if domain == calib else other).append(r)  # own stays empty under mixed calibration
         if row.get("recovery"):
             recoveries.append(row["recovery"])
-    if not own:
+    if not own and not other:
         return None
-    mean = lambda xs: math.exp(sum(xs) / len(xs))  # noqa: E731
+    mean = lambda xs: math.exp(sum(xs) / len(xs)) if xs else None  # noqa: E731
     return mean(own), mean(other), mean(own + other), recoveries
+
+
+def _ratio(value: float | None, bold: bool = False) -> str:
+    """A ratio to 3 decimals (bold if asked), ``-`` where there is none (no calibrated domain under mixed calibration)."""
+    if value is None:
+        return "-"
+    return f"**{value:.3f}**" if bold else f"{value:.3f}"
+
+
+def _budget(data: dict, keep: int) -> str:
+    return f"{data.get('settings', {}).get('experts', 16)} -> {keep}"
 
 
 def error_text(recoveries: list[dict]) -> str:
@@ -62,12 +73,12 @@ def side_by_side(data: dict, suffix: str) -> str:
                 continue
             table.append(
                 [
-                    f"16 -> {keep}",
+                    _budget(data, keep),
                     method,
-                    f"{plain[0]:.3f}",
-                    f"**{recovered[0]:.3f}**" if recovered[0] < plain[0] else f"{recovered[0]:.3f}",
-                    f"{plain[1]:.3f}",
-                    f"**{recovered[1]:.3f}**" if recovered[1] < plain[1] else f"{recovered[1]:.3f}",
+                    _ratio(plain[0]),
+                    _ratio(recovered[0], plain[0] is not None and recovered[0] < plain[0]),
+                    _ratio(plain[1]),
+                    _ratio(recovered[1], plain[1] is not None and recovered[1] < plain[1]),
                     error_text(recovered[3]),
                     ", ".join(str(r.get("router_fitted_layers", "?")) for r in recovered[3]),
                 ]
@@ -97,10 +108,13 @@ def by_ridge(data: dict) -> str:
             method, _, variant = name.partition(":")
             variant = ",".join(o for o in variant.split(",") if o and not o.startswith("recover_ridge="))
             ridge = found[3][0]["ridge"] if found[3] else "-"
-            cells = [f"16 -> {keep}", method, variant.replace("recover=true", "recover") or "-", str(ridge)]
-            table.append(
-                cells + [f"{found[0]:.3f}", f"{found[1]:.3f}", f"{found[2]:.3f}", error_text(found[3])]
-            )
+            cells = [
+                _budget(data, keep),
+                method,
+                variant.replace("recover=true", "recover") or "-",
+                str(ridge),
+            ]
+            table.append(cells + [_ratio(found[0]), _ratio(found[1]), _ratio(found[2]), error_text(found[3])])
     header = [
         "budget",
         "method",
@@ -125,9 +139,13 @@ def by_variant(data: dict) -> str:
             found = ratios(data, name, keep)
             if found is not None:
                 variants.setdefault(name.partition(":")[2] or "-", []).append((found[2], found[0]))
-    mean = lambda xs: math.exp(sum(math.log(x) for x in xs) / len(xs))  # noqa: E731
+
+    def mean(xs: list[float | None]) -> str:
+        xs = [x for x in xs if x is not None]
+        return f"{math.exp(sum(math.log(x) for x in xs) / len(xs)):.4f}" if xs else "-"
+
     table = [
-        [variant, str(len(cells)), f"{mean([c[0] for c in cells]):.4f}", f"{mean([c[1] for c in cells]):.4f}"]
+        [variant, str(len(cells)), mean([c[0] for c in cells]), mean([c[1] for c in cells])]
         for variant, cells in variants.items()
     ]
     return markdown_table(["variant", "cells (method x budget)", "all domains", "calibrated domain"], table)

@@ -77,7 +77,7 @@ SHAPES: dict[str, dict] = {
         experts=64, top_k=6, intermediate_size=64, router_aux_loss_coef=0.0, bias_update=0.01
     ),
 }
-MODEL_NAMES = {"mixtral": "moeshrink-tiny", "deepseek_v3": "moeshrink-tiny-ds3"}
+MODEL_NAMES = dict(zip(("mixtral", "deepseek_v3"), paths.TESTBEDS, strict=True))
 
 
 def testbed_config(s: TrainSettings, vocab_size: int, eos_id: int) -> PretrainedConfig:
