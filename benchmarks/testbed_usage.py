@@ -2,9 +2,10 @@
 
 Evaluates the shipped testbed on one held-out split (perplexity windows only: no tasks, no speed),
 with the routing observed per domain, and writes the heat maps (OUT.png), the usage fractions and
-the per-layer mutual information between domain and chosen expert (OUT.json), and prints the
-lines docs/testbed.md quotes: the information per layer and, per layer and domain, the experts that
-receive the most tokens.
+the per-layer mutual information between domain and chosen expert, each layer's load balance and
+each domain's perplexity (OUT.json), and prints the lines docs/testbed.md quotes: the information and
+load balance per layer and, per layer and domain, the experts that receive the most tokens. Layers
+are counted among the MoE layers (the DeepSeek-V3 testbed's first, dense, layer is not one).
 
     python benchmarks/testbed_usage.py --split test --out docs/testbed_expert_usage
     python benchmarks/testbed_usage.py --model src/moeshrink/testbed/data/moeshrink-tiny-ds3 --split test --out docs/testbed_ds3_expert_usage
@@ -71,11 +72,13 @@ def main() -> None:
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         "split": args.split,
         "tokens": {d: r["tokens"] for d, r in result["domains"].items()},
+        "perplexity": {d: r["perplexity"] for d, r in result["domains"].items()},
         "mutual_information_bits": information,
         "load_balance": balance,
         "usage": usage,
     }
     args.out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    print("perplexity: " + ", ".join(f"{d} {r['perplexity']:.2f}" for d, r in result["domains"].items()))
     print("mutual information per layer (bits): " + ", ".join(f"{x:.2f}" for x in information))
     for layer, b in enumerate(balance):
         print(
