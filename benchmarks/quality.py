@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -147,6 +148,7 @@ def main() -> None:
                 if key in data["rows"]:
                     continue
                 print(f"[quality] {key}", flush=True)
+                load = os.getloadavg()[0]
                 name, options = parse_variant(method)
                 prune_kwargs = {k: options.pop(k) for k in PRUNE_KEYS if k in options}
                 recover = {k: options.pop(k) for k in RECOVER_KEYS if k in options}
@@ -166,6 +168,10 @@ def main() -> None:
                 )
                 row = evaluate_model(result.model, result.tokenizer, **evaluate)
                 row["compress_seconds"] = result.seconds["compress"]
+                row["load_1min"] = [
+                    load,
+                    os.getloadavg()[0],
+                ]  # at the start of the prune, after the evaluation
                 row["experts_per_layer_after"] = result.after.experts_per_layer
                 row["method_details"] = [lp.details for lp in result.plan.layers if lp.details]
                 if result.plan.recovery:
