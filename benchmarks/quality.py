@@ -168,10 +168,8 @@ def main() -> None:
                 )
                 row = evaluate_model(result.model, result.tokenizer, **evaluate)
                 row["compress_seconds"] = result.seconds["compress"]
-                row["load_1min"] = [
-                    load,
-                    os.getloadavg()[0],
-                ]  # at the start of the prune, after the evaluation
+                # the 1-minute load average at the start of the prune and after the evaluation
+                row["load_1min"] = [load, os.getloadavg()[0]]
                 row["experts_per_layer_after"] = result.after.experts_per_layer
                 row["method_details"] = [lp.details for lp in result.plan.layers if lp.details]
                 if result.plan.recovery:
