@@ -434,7 +434,7 @@ def render(data: dict) -> str:
                         _fmt(e["total_variation"]),
                     ]
                 )
-    speed = data["speed"]
+    speed = data.get("speed") or {}  # absent when every run had --no-top1
     names = list(speed)
     speed_rows = [
         [
@@ -445,13 +445,17 @@ def render(data: dict) -> str:
         ]
         for n in names
     ]
-    ratio = {
-        pair: (
-            speed[pair[1]]["prefill_tokens_per_s"] / speed[pair[0]]["prefill_tokens_per_s"],
-            speed[pair[1]]["decode_tokens_per_s"] / speed[pair[0]]["decode_tokens_per_s"],
-        )
-        for pair in ((names[0], names[1]), (names[2], names[3]), (names[0], names[3]))
-    }
+    ratio = (
+        {
+            pair: (
+                speed[pair[1]]["prefill_tokens_per_s"] / speed[pair[0]]["prefill_tokens_per_s"],
+                speed[pair[1]]["decode_tokens_per_s"] / speed[pair[0]]["decode_tokens_per_s"],
+            )
+            for pair in ((names[0], names[1]), (names[2], names[3]), (names[0], names[3]))
+        }
+        if len(names) >= 4
+        else {}
+    )
     lines = [
         "# EEP on the testbed",
         "",
@@ -509,19 +513,22 @@ def render(data: dict) -> str:
         "",
         markdown_table(["run (kept)", "layer", "same experts", "total variation"], fold_rows),
         "",
-        "## Speed: top-2 vs top-1",
-        "",
-        "`evaluate/speed.py` (batch 4 x 128-token prompts, 32 greedy new tokens), one thread, "
-        + (
-            "best of 5; a searched model's top-1 row is the same model with its top-k set to 1. Measured with:\n\n    "
-            + data["speed_command"]
-            if "speed_command" in data
-            else "best of 3; the eep top-1 model comes from a search run with top-1."
-        ),
-        "",
-        markdown_table(["model", "prefill tok/s", "decode tok/s", "parameters MiB"], speed_rows),
-        "",
     ]
+    if speed_rows:
+        lines += [
+            "## Speed: top-2 vs top-1",
+            "",
+            "`evaluate/speed.py` (batch 4 x 128-token prompts, 32 greedy new tokens), one thread, "
+            + (
+                "best of 5; a searched model's top-1 row is the same model with its top-k set to 1. Measured with:\n\n    "
+                + data["speed_command"]
+                if "speed_command" in data
+                else "best of 3; the eep top-1 model comes from a search run with top-1."
+            ),
+            "",
+            markdown_table(["model", "prefill tok/s", "decode tok/s", "parameters MiB"], speed_rows),
+            "",
+        ]
     for (a, b), (p, d) in ratio.items():
         lines.append(f"- {b} vs {a}: prefill x{p:.2f}, decode x{d:.2f}")
     lines.append("")

@@ -554,8 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--objective",
         choices=["accuracy", "loss", "text"],
-        default="accuracy",
-        help="accuracy (ties: gold loss), loss of the gold continuations, or loss over the items' whole text",
+        default="text",
+        help="with --task: loss over the items' whole text (default, chosen on the validation split), accuracy (ties: gold loss), or loss of the gold continuations",
     )
     p.add_argument(
         "--init",

@@ -106,7 +106,7 @@ class EEPSettings:
     sigma: float = 0.1  # merge stage: standard deviation of that move
     merge_scope: str = "all"  # merge stage: "all" entries move, or only "dropped" experts' columns
     seed: int = 0
-    objective: str = "accuracy"
+    objective: str = "text"  # task items: chosen on validation (docs/eep.md)
     init: tuple[str, ...] = ("frequency", "reap")  # scoring methods whose choice on the data seeds the search
     time_budget: float | None = None  # seconds for the whole call: seeding, search and export
     # generations a stage goes on without a better held-out (selection) loss before it ends (plain text)
@@ -748,7 +748,7 @@ def search(
     swap_rate: float = 0.5,
     merge_scope: str = "all",
     seed: int = 0,
-    objective: str = "accuracy",
+    objective: str = "text",
     init: Sequence[str] = ("frequency", "reap"),
     time_budget: float | None = None,
     state_dir: str | Path | None = None,
