@@ -12,7 +12,7 @@ pass, both in that run) and, for EEP, from its ``eep_text.py`` run (wall seconds
 floors of that run). Every method is listed: no row is picked by looking at the test numbers.
 
     python benchmarks/summary_table.py --quality docs/summary_test.json --cost docs/summary_cost.json \\
-        --eep docs/eep_recover_test.json --out docs/summary.md
+        --eep docs/eep_recover_test.json   # the tables of docs/summary.md
 """
 
 from __future__ import annotations
