@@ -13,6 +13,8 @@ floors of that run). Every method is listed: no row is picked by looking at the 
 
     python benchmarks/summary_table.py --quality docs/summary_test.json --cost docs/summary_cost.json \\
         --eep docs/eep_recover_test.json   # the tables of docs/summary.md
+    python benchmarks/summary_table.py --quality docs/quality_ds3_general.json docs/quality_ds3_task.json \\
+        --cost docs/summary_cost_ds3.json --eep docs/eep_text_ds3_test.json   # docs/ds3.md
 """
 
 from __future__ import annotations
@@ -26,12 +28,11 @@ from moeshrink.report.tables import markdown_table
 
 FAMILIES = {
     "score pruning": ["frequency", "reap"],
-    "exhaustive subset search": ["naee"],
+    "subset search": ["naee"],
     "router-weight clustering": ["stun"],
     "merging": ["msmoe", "hcsmoe", "uncurl"],
 }
 RECOVER = "recover=true"
-SETTINGS = [(8, "mixed"), (4, "bible")]
 
 
 def geo(xs: list[float]) -> float:
@@ -69,7 +70,7 @@ def with_recovery(method: str) -> str:
 
 
 def section(quality_data: dict, cost_data: dict | None, eep: dict | None, keep: int, calib: str) -> list[str]:
-    experts = quality_data["settings"].get("experts", 16)
+    experts = quality_data["experts"]
     if calib == "mixed":
         title = f"## {experts} -> {keep}, general calibration (the four domains' calib text together)"
         header = ["family", "method", "all domains, without", "with recovery", "cost without", "cost with"]
@@ -137,18 +138,33 @@ def _eep_rows(eep: dict, calib: str) -> list[str] | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quality", type=Path, required=True, help="a quality.py OUT.json (test split)")
+    parser.add_argument(
+        "--quality",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="quality.py OUT.json files of one model (test split)",
+    )
     parser.add_argument("--cost", type=Path, help="a cost.py OUT.json with the same methods")
     parser.add_argument("--eep", type=Path, help="an eep_text.py OUT.json (task calibration)")
     parser.add_argument("--out", type=Path, help="write the tables here (default: print them)")
     args = parser.parse_args()
-    quality_data = json.loads(args.quality.read_text())
+    files = [json.loads(p.read_text()) for p in args.quality]
+    quality_data = {"baseline": files[0]["baseline"], "rows": {}}
+    for data in files:
+        if data["baseline"] != quality_data["baseline"] or data["settings"].get("split") != "test":
+            raise SystemExit("--quality: give test-split results of one model (their baselines differ)")
+        quality_data["rows"].update(data["rows"])
+    model = Path(files[0]["settings"]["model"])
+    quality_data["experts"] = json.loads((model / "config.json").read_text()).get(
+        "n_routed_experts"
+    ) or json.loads((model / "config.json").read_text()).get("num_local_experts", 16)
     cost_data = json.loads(args.cost.read_text()) if args.cost else None
     eep = json.loads(args.eep.read_text()) if args.eep else None
+    settings = dict.fromkeys((int(k.split("|")[1]), k.split("|")[2]) for k in quality_data["rows"])
     lines = []
-    for keep, calib in SETTINGS:
-        if any(k.endswith(f"|{keep}|{calib}") for k in quality_data["rows"]):
-            lines += section(quality_data, cost_data, eep, keep, calib)
+    for keep, calib in sorted(settings, key=lambda s: (s[1] != "mixed", -s[0])):
+        lines += section(quality_data, cost_data, eep, keep, calib)
     text = "\n".join(lines)
     if args.out:
         args.out.write_text(text)
