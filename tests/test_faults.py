@@ -747,12 +747,17 @@ def test_fault(
     before_in, before_out = snapshot(env.model), snapshot(out)
     capsys.readouterr()
     raised = ""
+    # as from a terminal: a suite started in the background by a shell without job control has SIGINT
+    # ignored, and the SIGINT cases' signal would not interrupt the run
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = main(argv)
     except SystemExit as e:  # argparse
         code = int(e.code or 0)
     except BaseException as e:  # a traceback (Ctrl-C included: it must not stop the session)
         code, raised = 1, f"traceback: {type(e).__name__}: {' '.join(str(e).split())}"
+    finally:
+        signal.signal(signal.SIGINT, previous)
     if leftovers(out) or spilled(env):  # what the process's exit does: dropped writers clean up (0.5 s)
         gc.collect()
     err = capsys.readouterr().err
