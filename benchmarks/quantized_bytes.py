@@ -20,8 +20,7 @@ import torch
 
 import moeshrink
 from moeshrink.io.streaming import ShardReader
-from moeshrink.testbed.ctensors import PRESETS, write_compressed_tensors
-from moeshrink.testbed.fp8 import write_block_fp8
+from moeshrink.testbed.ctensors import quantized_copies
 from moeshrink.testbed.paths import corpus_dir
 from moeshrink.testbed.tiny import build_tiny_model
 
@@ -36,12 +35,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dense = build_tiny_model("mixtral", root / "dense", seed=1, dtype=torch.bfloat16)
-        inputs = {
-            "bfloat16 (unquantized)": dense,
-            "block-FP8 16x16": write_block_fp8(dense, root / "fp8", (16, 16)),
-        }
-        for preset in PRESETS:
-            inputs[f"compressed-tensors {preset}"] = write_compressed_tensors(dense, root / preset, preset)
+        inputs = {"bfloat16 (unquantized)": dense} | quantized_copies(dense, root)
         for name, path in inputs.items():
             out = root / f"out-{len(rows)}"
             moeshrink.prune(

@@ -156,9 +156,8 @@ def main() -> None:
             raise SystemExit("--quality: give test-split results of one model (their baselines differ)")
         quality_data["rows"].update(data["rows"])
     model = Path(files[0]["settings"]["model"])
-    quality_data["experts"] = json.loads((model / "config.json").read_text()).get(
-        "n_routed_experts"
-    ) or json.loads((model / "config.json").read_text()).get("num_local_experts", 16)
+    config = json.loads((model / "config.json").read_text())
+    quality_data["experts"] = config.get("n_routed_experts") or config.get("num_local_experts", 16)
     cost_data = json.loads(args.cost.read_text()) if args.cost else None
     eep = json.loads(args.eep.read_text()) if args.eep else None
     settings = dict.fromkeys((int(k.split("|")[1]), k.split("|")[2]) for k in quality_data["rows"])

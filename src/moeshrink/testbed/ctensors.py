@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeshrink.quant.ctensors import quantize as compress_weight  # the one implementation (re-exported)
+from moeshrink.testbed.fp8 import write_block_fp8
 
 _FLOAT8 = {"num_bits": 8, "type": "float", "symmetric": True}
 _TOKEN = {"strategy": "token", "dynamic": True, "group_size": None, "block_structure": None}
@@ -171,4 +172,20 @@ def write_compressed_tensors(
     return out_dir
 
 
-__all__ = ["PRESETS", "compress_weight", "quantization_config", "write_compressed_tensors"]
+def quantized_copies(dense: str | Path, root: str | Path) -> dict[str, Path]:
+    """``dense`` written under ``root`` in every quantized layout the benchmarks compare: block-FP8 in
+    16x16 tiles (DeepSeek-V3's layout) and each compressed-tensors preset, by a readable name."""
+    root = Path(root)
+    copies = {"block-FP8 16x16": write_block_fp8(dense, root / "fp8", (16, 16))}
+    for preset in PRESETS:
+        copies[f"compressed-tensors {preset}"] = write_compressed_tensors(dense, root / preset, preset)
+    return copies
+
+
+__all__ = [
+    "PRESETS",
+    "compress_weight",
+    "quantization_config",
+    "quantized_copies",
+    "write_compressed_tensors",
+]
